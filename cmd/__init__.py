@@ -17,7 +17,8 @@ from ._stdlib_compat import IDENTCHARS, PROMPT, Cmd  # noqa: I001
 from ._version import __version__
 
 import importlib as _importlib
-from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+_TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (keeps `import cmd` cheap)
 
 # public name -> module that defines it (relative to this package)
 _LAZY_ATTRS: dict[str, str] = {

@@ -9,18 +9,21 @@ imported, so this stays cheap.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sysconfig
+import sys
+from importlib.machinery import ModuleSpec, SourceFileLoader
 from types import ModuleType
 
 STDLIB_NAMES = ("Cmd", "PROMPT", "IDENTCHARS")
 
 
 def _stdlib_cmd_path() -> str:
-    candidates = [sysconfig.get_paths().get("stdlib", "")]
-    # Fall back on the folder of a module that is always in the stdlib (e.g. venvs, odd layouts).
-    candidates.append(os.path.dirname(os.__file__))
+    # The folder of a module that is always in the stdlib; sysconfig as a fallback (slower to import).
+    candidates = [os.path.dirname(os.__file__)]
+    if "sysconfig" in sys.modules or not os.path.isfile(os.path.join(candidates[0], "cmd.py")):
+        import sysconfig
+
+        candidates.append(sysconfig.get_paths().get("stdlib", ""))
     for folder in candidates:
         path = os.path.join(folder, "cmd.py")
         if folder and os.path.isfile(path):
@@ -35,11 +38,12 @@ def load_stdlib_cmd() -> ModuleType:
     resolves to this package (it re-exports ``Cmd``).
     """
     path = _stdlib_cmd_path()
-    spec = importlib.util.spec_from_file_location("cmd", path)
-    if spec is None or spec.loader is None:  # pragma: no cover - defensive
-        raise ImportError(f"cmd-fgvc: cannot load the standard library's cmd module from {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    loader = SourceFileLoader("cmd", path)
+    module = ModuleType("cmd")
+    module.__file__ = path
+    module.__loader__ = loader
+    module.__spec__ = ModuleSpec("cmd", loader, origin=path)
+    loader.exec_module(module)
     return module
 
 
