@@ -26,24 +26,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cmd.backbones.output import BackboneOutput
 from cmd.heads.dino_head import _register_pre_hook
 from cmd.heads.output import CrossLevelOutput
 
-__all__ = ["CMDNetwork", "resolution_groups"]
+__all__ = ["CMDNetwork"]
 
 # DINO / EsViT checkpoints: MultiCropWrapper(backbone, head[, head_dense]) -> our head.image_head / head.region_head
 _LEGACY_IMAGE_HEAD = re.compile(r"^head\.(mlp|last_layer)\.")
 _LEGACY_REGION_HEAD = "head_dense."
 
 
-def resolution_groups(crops: Sequence[torch.Tensor]) -> list[int]:
-    """Sizes of the runs of consecutive crops with the same spatial size.
-
-    Example:
-        >>> import torch
-        >>> resolution_groups([torch.zeros(1, 3, 8, 8)] * 2 + [torch.zeros(1, 3, 4, 4)] * 3)
-        [2, 3]
-    """
+def _group_sizes(crops: Sequence[torch.Tensor]) -> list[int]:
+    """Sizes of the runs of consecutive crops with the same spatial size (``[2, 8]`` for 2 + 8 crops)."""
     groups: list[int] = []
     previous = None
     for crop in crops:
@@ -79,13 +74,13 @@ class CMDNetwork(nn.Module):
         >>> import torch
         >>> from cmd.backbones.output import BackboneOutput
         >>> from cmd.heads import CrossLevelHead
+        >>> from itertools import groupby
         >>> class Patches(torch.nn.Module):  # a toy backbone: 4x4 patches, D = 48
         ...     def forward_multicrop(self, crops):
         ...         outs = []
-        ...         for n in resolution_groups(crops):
-        ...             x, crops = torch.cat(crops[:n]), crops[n:]
-        ...             t = torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2)
-        ...             outs.append(BackboneOutput(t.mean(1), t, (x.shape[-2] // 4, x.shape[-1] // 4)))
+        ...         for (h, w), group in groupby(crops, key=lambda c: tuple(c.shape[-2:])):
+        ...             t = torch.nn.functional.unfold(torch.cat(list(group)), 4, stride=4).transpose(1, 2)
+        ...             outs.append(BackboneOutput(t.mean(1), t, (h // 4, w // 4)))
         ...         return outs
         >>> net = CMDNetwork(Patches(), CrossLevelHead(48, out_dim=10, hidden_dim=8, bottleneck_dim=4))
         >>> outs = net([torch.randn(2, 3, 16, 16)] * 2 + [torch.randn(2, 3, 8, 8)] * 3)
@@ -120,11 +115,11 @@ class CMDNetwork(nn.Module):
                 return value
         return None
 
-    def forward_backbone(self, crops: Sequence[torch.Tensor] | torch.Tensor) -> list:
+    def forward_backbone(self, crops: Sequence[torch.Tensor] | torch.Tensor) -> list[BackboneOutput]:
         """The backbone outputs, one ``BackboneOutput`` per resolution group (crop-major)."""
         crops = self._as_crop_list(crops)
         outputs = list(self.backbone.forward_multicrop(crops))
-        groups = resolution_groups(crops)
+        groups = _group_sizes(crops)
         batch = crops[0].shape[0]
         got = [o.tokens.shape[0] for o in outputs]
         if got != [n * batch for n in groups]:

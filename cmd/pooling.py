@@ -134,6 +134,8 @@ class MultiInstancePooling(nn.Module):
         self._check_inputs(tokens, mask)
         if self.mode == "max":
             return self._max(tokens, mask)
+        if mask is not None:  # masked instances contribute exactly nothing, even if they hold inf / NaN
+            tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0)
         if self.is_attention:
             logits = self.attention_logits(tokens)
             if mask is not None:
@@ -144,8 +146,7 @@ class MultiInstancePooling(nn.Module):
         ct = weights.dtype
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             if self.mode == "sum":
-                kept = tokens if mask is None else tokens.masked_fill(~mask.unsqueeze(-1), 0)
-                bag = kept.to(ct).sum(dim=1)
+                bag = tokens.to(ct).sum(dim=1)
             else:
                 bag = torch.einsum("bn,bnd->bd", weights, tokens.to(ct))
         return bag.to(tokens.dtype), weights
