@@ -145,7 +145,9 @@ class EpochSchedule(Sequence[float]):
         return f"EpochSchedule({self.values.tolist()!r})"
 
 
-def teacher_temperature_schedule(warmup: float, final: float, warmup_epochs: int, n_epochs: int) -> EpochSchedule:
+def teacher_temperature_schedule(
+    warmup: float, final: float, warmup_epochs: int, n_epochs: int
+) -> EpochSchedule:
     """The teacher temperature per epoch: ``linspace(warmup, final, warmup_epochs)``, then ``final``.
 
     This is DINO's definition (method.md section 2: 0.04 -> 0.07 over 30 epochs). The result is indexed

@@ -213,7 +213,9 @@ class EMATeacher:
             )
         self.step = int(state["step"])
         self.momentum = _check_momentum(state.get("momentum", self.momentum), "momentum")
-        self.final_momentum = _check_momentum(state.get("final_momentum", self.final_momentum), "final_momentum")
+        self.final_momentum = _check_momentum(
+            state.get("final_momentum", self.final_momentum), "final_momentum"
+        )
         total = state.get("total_steps", self.total_steps)
         self.total_steps = None if total is None else int(total)
 
