@@ -1,0 +1,517 @@
+"""Self-supervised CMD pretraining, built only from the public blocks of `cmd`.
+
+Run with no arguments for a CPU demonstration (synthetic fine-grained data, a tiny ViT, a few
+minutes on 2 cores); it prints the teacher's k-NN top-1 before and after training. The paper's
+setting (Swin-T, 2 x 224 + 8 x 96 crops, K = 65536, from EsViT's ImageNet checkpoint) is::
+
+    torchrun --nproc_per_node 8 examples/pretrain.py --arch swin_tiny --dataset cub \\
+        --data_path /data/CUB_200_2011 --output_dir out/cub_cmd --init esvit_swin_tiny.pth \\
+        --global_size 224 --local_size 96 --local_crops_number 8 --out_dim 65536 \\
+        --batch_size_per_gpu 32 --epochs 100 --amp bf16 --loss cmd --mil_pooling gated_attention
+
+What one step does (the data flow of the library)::
+
+    images -> MultiCropAugmentation -> crops [G global, L local]
+    student = CMDNetwork(backbone, CrossLevelHead) on all crops, teacher (EMA copy) on the G globals
+    CMDLoss(student outputs, teacher outputs) -> loss; backward; clip; AdamW step; EMA update
+
+The run resumes automatically from ``output_dir/checkpoint.pth``; a resumed run continues exactly
+(augmentations are seeded per (seed, epoch, image), the data order per (seed, epoch)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+import cmd
+from cmd import distributed as dist
+
+# --------------------------------------------------------------------------------------- options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="CMD self-supervised pretraining (defaults: a CPU demo on synthetic data).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", type=str, default=None, help="YAML or JSON file of these options")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="vit_tiny", help="backbone name (timm name or alias: swin_tiny, vit_small, ...)")
+    g.add_argument("--backbone_kwargs", type=json.loads, default=None,
+                   help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; the demo default '
+                        "makes vit_tiny tiny")
+    g.add_argument("--init", type=str, default=None, help="DINO / EsViT / CMD / timm checkpoint to start from")
+    g.add_argument("--init_key", type=str, default="teacher", help="key of the backbone weights in --init")
+    g.add_argument("--out_dim", type=int, default=1024, help="K, prototypes of the heads (paper: 65536)")
+    g.add_argument("--norm_last_layer", type=_bool, default=True)
+    g.add_argument("--mil_pooling", default="gated_attention",
+                   choices=["mean", "sum", "max", "attention", "gated_attention"])
+    g.add_argument("--image_input", default="pooled", choices=["pooled", "mil"])
+    g.add_argument("--share_prototypes", type=_bool, default=False)
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="cmd", choices=["dino", "esvit", "cmd"])
+    g.add_argument("--image_weight", type=float, default=None)
+    g.add_argument("--region_weight", type=float, default=None)
+    g.add_argument("--inter_weight", type=float, default=None)
+    g.add_argument("--cross_weight", type=float, default=None)
+    g.add_argument("--teacher_temp", type=float, default=0.07)
+    g.add_argument("--warmup_teacher_temp", type=float, default=0.04)
+    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30)
+    g.add_argument("--student_temp", type=float, default=0.1)
+    g.add_argument("--center_momentum", type=float, default=0.9)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--batch_size_per_gpu", type=int, default=32)
+    g.add_argument("--lr", type=float, default=5e-4, help="base lr at total batch 256 (scaled linearly)")
+    g.add_argument("--min_lr", type=float, default=1e-6)
+    g.add_argument("--warmup_epochs", type=int, default=2)
+    g.add_argument("--weight_decay", type=float, default=0.04)
+    g.add_argument("--weight_decay_end", type=float, default=0.4)
+    g.add_argument("--momentum_teacher", type=float, default=0.996)
+    g.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter clipping norm; 0 disables")
+    g.add_argument("--freeze_last_layer", type=int, default=1)
+    g.add_argument("--amp", default="off", choices=["bf16", "fp16", "off", "auto"])
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "cub", "cars", "aircraft", "imagefolder"])
+    g.add_argument("--data_path", type=str, default=None)
+    g.add_argument("--synthetic_classes", type=int, default=10)
+    g.add_argument("--synthetic_per_class", type=int, default=40)
+    g.add_argument("--synthetic_image_size", type=int, default=64)
+    g.add_argument("--global_size", type=int, default=64, help="global crop size (paper: 224)")
+    g.add_argument("--local_size", type=int, default=32, help="local crop size (paper: 96)")
+    g.add_argument("--local_crops_number", type=int, default=4, help="paper: 8")
+    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0))
+    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4))
+    g.add_argument("--eval_size", type=int, default=None, help="k-NN evaluation image size (default: global_size)")
+    g.add_argument("--num_workers", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", type=str, default="outputs/pretrain_demo")
+    g.add_argument("--saveckp_freq", type=int, default=0, help="also keep checkpoint{epoch:04}.pth every N epochs")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    g.add_argument("--knn_every", type=int, default=0, help="k-NN of the teacher every N epochs (0: start/end only)")
+    g.add_argument("--knn_k", type=int, default=20)
+    g.add_argument("--no_knn", action="store_true", help="skip the k-NN before and after training")
+    g.add_argument("--log_every", type=int, default=10, help="read the loss on the host every N steps")
+    g.add_argument("--max_steps", type=int, default=0,
+                   help="stop this run after N steps (saving a checkpoint), as an interruption would; 0: off")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbones and heads")
+    g.add_argument("--viz", action="store_true", help="save training curves and region-weight overlays at the end")
+    g.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``--config FILE`` supplies defaults that the command line overrides."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        text = Path(pre.config).read_text()
+        if pre.config.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    if args.backbone_kwargs is None:
+        args.backbone_kwargs = {"depth": 4, "patch_size": 8} if args.arch == "vit_tiny" and args.global_size <= 96 else {}
+    return args
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class SeededMultiCrop(Dataset):
+    """Applies the multi-crop augmentation with a generator seeded by (seed, epoch, index).
+
+    The augmentation of an image then depends neither on the worker that loads it nor on what
+    was loaded before, so a run resumed from a checkpoint (even mid-epoch) sees exactly the crops
+    the uninterrupted run would have seen.
+    """
+
+    def __init__(self, dataset: Dataset, transform, seed: int):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        image, label = item[0], item[1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            crops = self.transform(image)
+        return crops, label
+
+
+def build_data(args, split: str, transform):
+    if args.dataset == "synthetic":
+        return cmd.SyntheticFineGrained(
+            n_classes=args.synthetic_classes,
+            n_per_class=args.synthetic_per_class,
+            image_size=args.synthetic_image_size,
+            split=split,
+            seed=args.seed,
+            transform=transform,
+        )
+    if args.data_path is None:
+        raise SystemExit(f"--data_path is required for --dataset {args.dataset}")
+    return cmd.build_dataset(args.dataset, args.data_path, split, transform)
+
+
+class _SkipFirst(torch.utils.data.Sampler):
+    """Yields a sampler's indices after skipping the first ``skip`` of them (mid-epoch resume)."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        for i, index in enumerate(self.sampler):
+            if i >= self.skip:
+                yield index
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def knn_top1(backbone: nn.Module, args, device, k: int) -> float:
+    """k-NN top-1 (%) of a backbone's pooled features: train split as memory, test split as queries."""
+    transform = cmd.eval_transform(args.eval_size or args.global_size)
+    loaders = []
+    for split in ("train", "test"):
+        data = build_data(args, split, transform)
+        sampler = DistributedSampler(data, shuffle=False) if dist.is_dist() else None
+        loaders.append(DataLoader(data, batch_size=64, sampler=sampler, num_workers=args.num_workers))
+    progress = not args.no_progress
+    train_f, train_y = cmd.extract_features(backbone, loaders[0], device=device, progress=progress)
+    test_f, test_y = cmd.extract_features(backbone, loaders[1], device=device, progress=progress)
+    knn = cmd.KNNClassifier(k=(k,), temperature=0.07, backend="torch")
+    knn.fit(train_f, train_y)
+    metrics = knn.evaluate(test_f, test_y)
+    return float(metrics[min(k, len(train_y))]["top1"] if min(k, len(train_y)) in metrics else next(iter(metrics.values()))["top1"])
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    dist.init_distributed_from_env()
+    rank, world = dist.rank(), dist.world_size()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and dist.is_dist():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    out_dir = Path(args.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    progress = not args.no_progress and rank == 0
+
+    # ---- data
+    augmentation = cmd.MultiCropAugmentation(
+        global_size=args.global_size,
+        local_size=args.local_size,
+        n_global=2,
+        n_local=args.local_crops_number,
+        global_scale=tuple(args.global_crops_scale),
+        local_scale=tuple(args.local_crops_scale),
+    )
+    train_set = SeededMultiCrop(build_data(args, "train", None), augmentation, args.seed)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    loader_kwargs = dict(
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        collate_fn=cmd.multicrop_collate,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+        prefetch_factor=4 if args.num_workers > 0 else None,
+    )
+    iters_per_epoch = len(sampler) // args.batch_size_per_gpu
+    if iters_per_epoch == 0:
+        raise SystemExit(
+            f"the training set ({len(train_set)} images over {world} processes) is smaller than one batch "
+            f"of {args.batch_size_per_gpu}: lower --batch_size_per_gpu"
+        )
+    total_steps = args.epochs * iters_per_epoch
+
+    # ---- networks
+    backbone = cmd.create_backbone(args.arch, pretrained=False, **args.backbone_kwargs)
+    if args.init:
+        report = cmd.load_checkpoint(backbone, args.init, checkpoint_key=args.init_key, strict=False)
+        if rank == 0:
+            print(f"initialised from {args.init} ({report.source_format}); missing={len(report.missing)} "
+                  f"unexpected={len(report.unexpected)}")
+    head = cmd.CrossLevelHead(
+        backbone.embed_dim,
+        out_dim=args.out_dim,
+        pooling=args.mil_pooling,
+        image_input=args.image_input,
+        norm_last_layer=args.norm_last_layer,
+        share_prototypes=args.share_prototypes,
+        region_head=args.loss != "dino",
+    )
+    student = cmd.CMDNetwork(backbone, head).to(device)
+    ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps)
+    teacher = ema.teacher
+    student_ddp: nn.Module = student
+    if dist.is_dist():
+        student_ddp = nn.parallel.DistributedDataParallel(
+            student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # without the inter-level term the MIL pooling gets no gradient
+            find_unused_parameters=args.loss != "cmd" or (args.inter_weight == 0),
+        )
+    torch.manual_seed(args.seed + rank)  # per-process randomness from here on
+    student_fwd, teacher_fwd = student_ddp, teacher
+    if args.compile:
+        student_fwd, teacher_fwd = torch.compile(student_ddp), torch.compile(teacher)
+
+    # ---- loss, optimiser, schedules
+    overrides = {
+        k: v
+        for k, v in dict(
+            image_weight=args.image_weight,
+            region_weight=args.region_weight,
+            inter_weight=args.inter_weight,
+            cross_weight=args.cross_weight,
+        ).items()
+        if v is not None
+    }
+    criterion = cmd.CMDLoss.from_preset(
+        args.loss,
+        out_dim=args.out_dim,
+        n_global_crops=2,
+        n_local_crops=args.local_crops_number,
+        warmup_teacher_temp=args.warmup_teacher_temp,
+        teacher_temp=args.teacher_temp,
+        warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+        n_epochs=args.epochs,
+        student_temp=args.student_temp,
+        center_momentum=args.center_momentum,
+        **overrides,
+    ).to(device)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay), fused=fused or None)
+    lr_schedule = cmd.cosine_schedule(
+        cmd.scale_lr(args.lr, args.batch_size_per_gpu * world), args.min_lr, args.epochs, iters_per_epoch,
+        warmup_epochs=min(args.warmup_epochs, args.epochs),
+    )
+    wd_schedule = cmd.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
+    precision = cmd.mixed_precision(device, args.amp)
+
+    # ---- resume
+    start_epoch, step = 0, 0
+    ckpt_path = out_dir / "checkpoint.pth"
+    history: dict = {}
+    if ckpt_path.exists():
+        meta = cmd.restore_checkpoint(
+            ckpt_path, student=student, teacher=teacher, optimizer=optimizer, loss=criterion,
+            scaler=precision.scaler, ema=ema,
+        )
+        start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        history = meta.get("history", {}) or {}
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+
+    knn_history = history.setdefault("knn", {})
+    if not args.no_knn and "before" not in knn_history:
+        knn_history["before"] = knn_top1(teacher.backbone, args, device, args.knn_k)
+        if rank == 0:
+            print(f"teacher k-NN top-1 before training: {knn_history['before']:.2f} %")
+
+    # ---- signals: save and exit at the end of the current step
+    stop = {"signal": None}
+
+    def _on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def save(epoch: int, step: int, path: Path) -> None:
+        if rank != 0:
+            return
+        cmd.save_checkpoint(
+            path, student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
+            loss=criterion.state_dict(), scaler=precision.scaler.state_dict() if precision.scaler else None,
+            ema=ema.state_dict(), epoch=epoch, step=step, args=_jsonable(vars(args)), history=history,
+        )
+
+    steps_this_run = 0
+    summary = {}
+    active = _active_terms(criterion)
+    logged_terms = ["loss", *active, "inter_teacher", "teacher_entropy", "teacher_student_kl"]
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            done_in_epoch = step - epoch * iters_per_epoch
+            batch_sampler_src = _SkipFirst(sampler, done_in_epoch * args.batch_size_per_gpu) if done_in_epoch else sampler
+            loader = DataLoader(train_set, sampler=batch_sampler_src, **loader_kwargs)
+            student.train()
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sums: dict[str, torch.Tensor] = {}
+            n_logged = 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False)
+            for crops, _labels in bar:
+                cmd.set_schedules(optimizer, lr=float(lr_schedule[step]), weight_decay=float(wd_schedule[step]))
+                crops = [c.to(device, non_blocking=True) for c in crops]
+                with precision.autocast():
+                    with torch.no_grad():
+                        teacher_out = teacher_fwd(crops[:2])
+                    student_out = student_fwd(crops)
+                    out = criterion(student_out, teacher_out, epoch)
+                optimizer.zero_grad(set_to_none=True)
+                precision.backward(out.loss)
+                if args.clip_grad > 0:
+                    precision.unscale_(optimizer)
+                    cmd.clip_gradients(student, args.clip_grad)
+                cmd.cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
+                precision.step(optimizer)
+                ema.update(student)
+                step += 1
+                steps_this_run += 1
+                values = {"loss": out.loss.detach(), **out.terms}
+                for name in logged_terms:
+                    if name in values:
+                        sums[name] = sums.get(name, 0) + values[name].float()
+                n_logged += 1
+                if step % args.log_every == 0 or step == total_steps:
+                    _check_finite(out, step, active)
+                    if progress:
+                        bar.set_postfix(loss=f"{float(out.loss):.4f}")
+                if stop["signal"] is not None or (args.max_steps and steps_this_run >= args.max_steps):
+                    break
+            _check_finite(out, step, active)
+            # global means over all processes (one collective per epoch)
+            names = list(sums)
+            totals = dist.all_reduce_sum(torch.stack([sums[k] for k in names]).to(device))
+            count = dist.all_reduce_sum(torch.tensor([float(n_logged)], device=device))
+            sums = dict(zip(names, (totals / count.clamp_min(1)).cpu().unbind()))
+            interrupted = stop["signal"] is not None or (args.max_steps and steps_this_run >= args.max_steps)
+            epoch_done = step == (epoch + 1) * iters_per_epoch
+            elapsed = time.perf_counter() - t0
+            record = {
+                "epoch": epoch + 1 if epoch_done else epoch + step / iters_per_epoch - epoch,
+                "step": step,
+                **{k: float(v) for k, v in sums.items()},
+                "lr": float(lr_schedule[step - 1]),
+                "weight_decay": float(wd_schedule[step - 1]),
+                "teacher_momentum": float(ema.momentum_at(step - 1)),
+                "teacher_temp": float(criterion.teacher_temperature(epoch)),
+                "images_per_s": n_logged * args.batch_size_per_gpu * world / max(elapsed, 1e-9),
+                "epoch_time_s": elapsed,
+                "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+            }
+            if epoch_done and args.knn_every and (epoch + 1) % args.knn_every == 0 and not args.no_knn:
+                record["knn_top1"] = knn_top1(teacher.backbone, args, device, args.knn_k)
+            if rank == 0:
+                with open(out_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if progress or args.no_progress:
+                    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}))
+            save(epoch + 1 if epoch_done else epoch, step, ckpt_path)
+            if epoch_done and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                save(epoch + 1, step, out_dir / f"checkpoint{epoch + 1:04d}.pth")
+            summary = record
+            if interrupted:
+                if rank == 0:
+                    why = f"signal {stop['signal']}" if stop["signal"] is not None else f"--max_steps {args.max_steps}"
+                    print(f"stopped at step {step} ({why}); checkpoint saved to {ckpt_path}")
+                return {"interrupted": True, "step": step, **summary}
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    if not args.no_knn:
+        knn_history["after"] = knn_top1(teacher.backbone, args, device, args.knn_k)
+        save(args.epochs, step, ckpt_path)
+        if rank == 0:
+            print(f"teacher k-NN top-1 before training: {knn_history.get('before', float('nan')):.2f} %, "
+                  f"after: {knn_history['after']:.2f} %")
+    if args.viz and rank == 0:
+        _save_visualisations(args, teacher, device, out_dir)
+    return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary}
+
+
+def _active_terms(criterion) -> list[str]:
+    """The loss terms that enter the loss (the others are reported as NaN: not computed)."""
+    weights = {"image": criterion.image_weight, "region": criterion.region_weight,
+               "inter_student": criterion.inter_weight, "cross": criterion.cross_weight}
+    return [name for name, w in weights.items() if w > 0]
+
+
+def _check_finite(out, step: int, active: list[str]) -> None:
+    """Raise with the step and the non-finite term(s) (one host synchronisation)."""
+    values = {"loss": out.loss.detach(), **{k: out.terms[k] for k in active if k in out.terms}}
+    finite = torch.stack([torch.isfinite(v.float()).all() for v in values.values()])
+    if not bool(finite.all()):
+        bad = [name for name, ok in zip(values, finite.tolist()) if not ok and name != "loss"] or ["loss"]
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: term(s) {', '.join(bad)} are NaN/inf; training stopped and "
+            "the last good checkpoint was kept (lower the lr, check the inputs, or try --amp off)"
+        )
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+
+
+def _save_visualisations(args, teacher, device, out_dir: Path) -> None:
+    from cmd import viz
+
+    viz.plot_training_log(out_dir / "log.jsonl", out_dir / "training_curves.png")
+    data = build_data(args, "test", cmd.eval_transform(args.eval_size or args.global_size))
+    images = torch.stack([data[i][0] for i in range(min(8, len(data)))])
+    viz.save_attention_grid(teacher, images.to(device), out_dir / "region_weights.png")
+    print(f"saved {out_dir / 'training_curves.png'} and {out_dir / 'region_weights.png'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_dist():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,113 @@
+"""examples/pretrain.py: the default run, exact resume, non-finite stop, torchrun with 2 processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "examples" / "pretrain.py"
+
+# A few steps of the default run: tiny data, tiny crops, 2 local crops.
+SMALL = [
+    "--synthetic_classes", "4", "--synthetic_per_class", "8", "--synthetic_image_size", "32",
+    "--global_size", "32", "--local_size", "16", "--local_crops_number", "2", "--out_dim", "64",
+    "--batch_size_per_gpu", "8", "--warmup_epochs", "1", "--no_progress", "--log_every", "1",
+    "--backbone_kwargs", '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}',
+]
+
+
+def _load_module():
+    spec = importlib.util.spec_from_file_location("pretrain_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    return _load_module()
+
+
+def _teacher_state(path: Path) -> dict:
+    return torch.load(path / "checkpoint.pth", map_location="cpu", weights_only=True)["teacher"]
+
+
+@pytest.mark.slow
+def test_default_run_reduced(pretrain, tmp_path):
+    result = pretrain.main([*SMALL, "--epochs", "2", "--output_dir", str(tmp_path), "--knn_k", "5"])
+    assert not result["interrupted"]
+    assert {"before", "after"} <= set(result["knn"])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    for key in ("loss", "image", "region", "inter_student", "inter_teacher", "teacher_entropy", "lr",
+                "weight_decay", "teacher_momentum", "teacher_temp", "images_per_s", "epoch_time_s"):
+        assert key in log[0], key
+    import cmd
+
+    backbone = cmd.create_backbone("vit_tiny", depth=2, patch_size=8, embed_dim=48, num_heads=3)
+    report = cmd.load_checkpoint(backbone, tmp_path / "checkpoint.pth", checkpoint_key="teacher")
+    assert not report.missing and not report.unexpected
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(pretrain, tmp_path):
+    common = [*SMALL, "--epochs", "2", "--no_knn"]
+    pretrain.main([*common, "--output_dir", str(tmp_path / "full")])
+    first = pretrain.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_steps", "3"])
+    assert first["interrupted"] and first["step"] == 3  # mid-epoch (4 steps per epoch)
+    second = pretrain.main([*common, "--output_dir", str(tmp_path / "resumed")])
+    assert not second["interrupted"]
+    full, resumed = _teacher_state(tmp_path / "full"), _teacher_state(tmp_path / "resumed")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
+
+
+def test_non_finite_loss_stops_with_message(pretrain, tmp_path, monkeypatch):
+    import cmd
+
+    original = cmd.CMDLoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.terms["region"] = out.terms["region"] * float("nan")
+        out.loss = out.loss + out.terms["region"]
+        return out
+
+    monkeypatch.setattr(cmd.CMDLoss, "forward", poisoned)
+    with pytest.raises(pretrain.NonFiniteLossError, match=r"step 1.*region"):
+        pretrain.main([*SMALL, "--epochs", "1", "--no_knn", "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_processes_equals_one_process(tmp_path):
+    common = [*SMALL, "--epochs", "1", "--no_knn"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["OMP_NUM_THREADS"] = "1"
+    one = subprocess.run(
+        [sys.executable, str(SCRIPT), *common, "--output_dir", str(tmp_path / "one")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+         *common, "--batch_size_per_gpu", "4", "--output_dir", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _teacher_state(tmp_path / "one"), _teacher_state(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    la = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[-1])
+    lb = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
+    assert la["loss"] == pytest.approx(lb["loss"], rel=1e-4)
