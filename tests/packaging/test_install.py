@@ -117,15 +117,14 @@ def test_startup_prints_nothing(installed: FreshEnv):
 
 def test_stdlib_api_is_reexported(installed: FreshEnv):
     code = textwrap.dedent(
-        """
+        f"""
         import pdb, cmd
         assert cmd.Cmd is pdb.cmd.Cmd
         assert issubclass(pdb.Pdb, cmd.Cmd)
-        assert cmd.Cmd.do_help.__code__.co_filename == %r, cmd.Cmd.do_help.__code__.co_filename
+        assert cmd.Cmd.do_help.__code__.co_filename == {STDLIB_CMD!r}, cmd.Cmd.do_help.__code__.co_filename
         assert cmd.PROMPT == "(Cmd) " and "_" in cmd.IDENTCHARS
         print("ok")
         """
-        % STDLIB_CMD
     )
     assert installed.run(code).stdout.strip() == "ok"
 
@@ -189,7 +188,7 @@ def test_opt_out_variable_gives_stdlib(installed: FreshEnv):
 def test_pep829_start_file_points_at_installer(installed: FreshEnv):
     start = installed.site / "cmd_fgvc.start"
     assert start.read_text().strip() == "_cmd_fgvc_hook:install"
-    code = "import pkgutil; f = pkgutil.resolve_name(%r); f(); print(callable(f))" % "_cmd_fgvc_hook:install"
+    code = "import pkgutil; f = pkgutil.resolve_name({!r}); f(); print(callable(f))".format("_cmd_fgvc_hook:install")
     assert installed.run(code).stdout.strip() == "True"
 
 
