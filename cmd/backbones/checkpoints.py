@@ -1,0 +1,426 @@
+"""Load backbone weights from DINO, EsViT/CMD, timm and this library's checkpoints; export them back.
+
+Recognised sources (a path or an in-memory dict), `LoadReport.source_format` in brackets:
+
+* this library's training checkpoints ``{"format": "cmd-fgvc", "format_version": 1, "student": ...,
+  "teacher": ..., ...}`` whose networks have keys ``backbone.model.<timm key>`` and ``head.<...>``
+  [``"cmd-fgvc"``];
+* DINO checkpoints ``{"teacher": ..., "student": ...}`` with ``module.`` / ``backbone.`` prefixes, the
+  DINO head (``head.*``) dropped [``"dino"``];
+* EsViT and CMD Swin checkpoints in the original Swin layout (patch merging at the *end* of stage i,
+  ``layers.{i}.downsample``; timm puts it at the *start* of stage i + 1), with or without a
+  ``backbone.`` prefix, heads ``head.*`` / ``head_dense.*`` dropped; converted by timm's own
+  ``timm.models.swin_transformer.checkpoint_filter_fn`` (``relative_position_index`` and
+  ``attn_mask`` buffers are recomputed, not loaded), window 7 and 14 [``"esvit"``]. Converted weights
+  give bit-identical 224 px features; 96 px local crops differ slightly because EsViT pads and shifts
+  windows differently (see `cmd.backbones.backbone`);
+* plain timm state dicts, bare or under ``"state_dict"`` / ``"model"``, classifier heads dropped
+  [``"timm"``].
+
+Prefixes ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) are removed wherever they lead a key.
+Files are read with ``torch.load(..., map_location="cpu", weights_only=True)`` (``argparse.Namespace``
+allowed, as DINO and EsViT store their arguments that way); ``trust_pickle=True`` opts out for old
+pickled checkpoints, with a warning. ``.safetensors`` files are read with safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .backbone import Backbone
+
+__all__ = ["LoadReport", "load_checkpoint", "export_checkpoint", "read_checkpoint_file"]
+
+FORMAT_NAME = "cmd-fgvc"
+SUPPORTED_FORMAT_VERSION = 1
+_WRAPPER_KEYS = ("state_dict", "model")
+_STRIP_EVERYWHERE = ("module.", "_orig_mod.")
+_HEAD_ROOTS = frozenset({"head", "head_dense", "head_dist", "fc", "classifier"})
+_SHOWN = 8  # how many keys an error message lists
+
+
+@dataclass
+class LoadReport:
+    """What `load_checkpoint` did.
+
+    Attributes:
+        missing: model keys the checkpoint did not provide.
+        unexpected: checkpoint keys the model does not have.
+        source_format: ``"cmd-fgvc"``, ``"dino"``, ``"esvit"`` or ``"timm"``.
+        mismatched: ``"key: checkpoint [shape] vs model [shape]"`` for keys whose shapes differ (not loaded).
+        dropped: keys deliberately not loaded: heads (DINO/EsViT/CMD heads, timm classifiers) and the
+            original Swin ``relative_position_index`` / ``attn_mask`` buffers that timm recomputes.
+        loaded: how many tensors were copied into the model.
+
+    Example:
+        >>> LoadReport(missing=[], unexpected=[], source_format="timm").ok
+        True
+    """
+
+    missing: list[str]
+    unexpected: list[str]
+    source_format: str
+    mismatched: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    loaded: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when every model key was loaded and nothing was left over (heads aside)."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+# ---------------------------------------------------------------------------------------- reading
+def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Any:
+    """Read a checkpoint file safely (``weights_only=True``) onto the CPU.
+
+    Args:
+        path: a ``torch.save`` file or a ``.safetensors`` file.
+        trust_pickle: allow arbitrary pickled objects (``weights_only=False``); only for files you trust.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RuntimeError: the file is truncated or corrupted, or holds pickled objects and ``trust_pickle``
+            is False.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as err:  # safetensors raises its own error types
+            raise RuntimeError(
+                f"could not read checkpoint file {path!r}: truncated or corrupted ({err})"
+            ) from err
+    if trust_pickle:
+        warnings.warn(
+            f"loading {path!r} with weights_only=False (trust_pickle=True): unpickling can run arbitrary code",
+            stacklevel=3,
+        )
+        loader = {"weights_only": False}
+    else:
+        loader = {"weights_only": True}
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", **loader)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found is not None:
+            raise RuntimeError(
+                f"checkpoint file {path!r} holds a pickled Python object ({found.group(1)}) that "
+                "torch.load(weights_only=True) refuses; if you trust the file, pass trust_pickle=True"
+            ) from err
+        raise RuntimeError(
+            f"could not read checkpoint file {path!r}: truncated or corrupted ({_first_line(err)})"
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        raise RuntimeError(
+            f"could not read checkpoint file {path!r}: truncated or corrupted ({_first_line(err)})"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------------------- unwrapping
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def _unwrap(obj: Any, checkpoint_key: str, where: str) -> tuple[Mapping[str, torch.Tensor], str]:
+    """The state dict inside ``obj`` and the wrapper it came from ("cmd-fgvc", the key, or "")."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: unknown checkpoint format: expected a dict, got {type(obj).__name__}")
+    if obj.get("format") == FORMAT_NAME:
+        version = obj.get("format_version")
+        if not isinstance(version, int) or version > SUPPORTED_FORMAT_VERSION:
+            raise ValueError(
+                f"{where}: {FORMAT_NAME} checkpoint format_version {version!r} is not supported "
+                f"(this version reads <= {SUPPORTED_FORMAT_VERSION})"
+            )
+        if checkpoint_key not in obj:
+            nets = [k for k in ("teacher", "student") if k in obj]
+            raise ValueError(
+                f"{where}: checkpoint_key {checkpoint_key!r} not in this {FORMAT_NAME} checkpoint (it has {nets})"
+            )
+        return _checked(obj[checkpoint_key], where, checkpoint_key), FORMAT_NAME
+    if _is_state_dict(obj):
+        return obj, ""
+    if checkpoint_key in obj:
+        return _checked(obj[checkpoint_key], where, checkpoint_key), checkpoint_key
+    for key in _WRAPPER_KEYS:
+        if key in obj and isinstance(obj[key], Mapping):
+            return _checked(obj[key], where, key), key
+    keys = sorted(str(k) for k in obj)[:_SHOWN]
+    raise ValueError(
+        f"{where}: unknown checkpoint format: checkpoint_key {checkpoint_key!r} not found and it is not a state "
+        f"dict (top-level keys {keys}); pass checkpoint_key= naming the network's state dict"
+    )
+
+
+def _checked(sd: Any, where: str, key: str) -> Mapping[str, torch.Tensor]:
+    if not isinstance(sd, Mapping) or len(sd) == 0:
+        raise ValueError(f"{where}: checkpoint[{key!r}] is not a non-empty state dict ({type(sd).__name__})")
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(
+            f"{where}: checkpoint[{key!r}] is not a state dict: non-tensor values at {bad[:_SHOWN]}"
+        )
+    return sd
+
+
+# ---------------------------------------------------------------------------------------- key handling
+def _strip_leading(key: str, prefixes: tuple[str, ...]) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def _normalise_keys(
+    sd: Mapping[str, torch.Tensor], model_keys: set[str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip wrapper prefixes and split off the non-backbone parts of a network state dict."""
+    out = {_strip_leading(k, _STRIP_EVERYWHERE): v for k, v in sd.items()}
+    dropped: list[str] = []
+    if any(k.startswith("backbone.") for k in out):
+        dropped = [k for k in out if not k.startswith("backbone.")]
+        out = {
+            _strip_leading(k[len("backbone.") :], _STRIP_EVERYWHERE): v
+            for k, v in out.items()
+            if k.startswith("backbone.")
+        }
+    # a Backbone's own state dict (or a CMD network's backbone) has keys "model.<timm key>"
+    if all(k.startswith("model.") for k in out) and not any(k.startswith("model.") for k in model_keys):
+        out = {_strip_leading(k[len("model.") :], _STRIP_EVERYWHERE): v for k, v in out.items()}
+    return out, dropped
+
+
+def _is_original_swin_layout(sd: Mapping[str, torch.Tensor]) -> bool:
+    # timm's own criterion: original Swin has a patch merging at the end of stage 0, timm has none there
+    return "layers.0.downsample.reduction.weight" in sd
+
+
+def _convert_swin(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Original-Swin layout -> timm, with timm's converter; it must not silently resize tensors."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    model_sd = model.state_dict()
+    aside = {}
+    for k, v in sd.items():
+        if k.endswith("relative_position_bias_table") or k == "patch_embed.proj.weight":
+            # timm would interpolate these to the model's shape: keep them out so a mismatch is reported
+            if k not in model_sd or model_sd[k].shape != v.shape:
+                aside[k] = v
+    converted = checkpoint_filter_fn({k: v for k, v in sd.items() if k not in aside}, model)
+    converted.update(aside)
+    return converted
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_checkpoint(
+    backbone: Backbone,
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    checkpoint_key: str = "teacher",
+    strict: bool = True,
+    trust_pickle: bool = False,
+) -> LoadReport:
+    """Load backbone weights from a checkpoint file or dict in any recognised format (module docstring).
+
+    Args:
+        backbone: the `Backbone` to fill (its ``model`` gets the weights).
+        source: a path (``torch.save`` or ``.safetensors`` file) or an already loaded dict.
+        checkpoint_key: the network to take from a training checkpoint (``"teacher"``, ``"student"``,
+            or e.g. ``"state_dict_ema"``); a bare state dict ignores it.
+        strict: raise on missing, unexpected or shape-mismatched keys; if False, load what fits and
+            return the report.
+        trust_pickle: read the file with ``weights_only=False`` (warns; only for files you trust).
+
+    Returns:
+        A `LoadReport` (missing, unexpected, source_format, mismatched, dropped, loaded).
+
+    Raises:
+        FileNotFoundError: no such file.
+        RuntimeError: a truncated or corrupted file, or pickled objects without ``trust_pickle``.
+        ValueError: an unknown format, a missing ``checkpoint_key``, or (strict) weights that do not
+            fit this architecture; the message names the source, the key and the problem.
+
+    Example:
+        >>> from cmd.backbones import create_backbone
+        >>> a = create_backbone("vit_tiny", depth=1)
+        >>> b = create_backbone("vit_tiny", depth=1)
+        >>> load_checkpoint(b, {"teacher": a.state_dict()}).source_format
+        'dino'
+    """
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"backbone must be a cmd Backbone, got {type(backbone).__name__}")
+    if isinstance(source, (str, os.PathLike)):
+        where = os.fspath(source)
+        obj = read_checkpoint_file(source, trust_pickle=trust_pickle)
+    elif isinstance(source, Mapping):
+        where, obj = "<state dict>", source
+    else:
+        raise TypeError(f"source must be a path or a dict, got {type(source).__name__}")
+
+    raw, wrapper = _unwrap(obj, checkpoint_key, where)
+    model = backbone.model
+    model_sd = model.state_dict()
+    sd, dropped = _normalise_keys(raw, set(model_sd))
+
+    original_swin = _is_original_swin_layout(sd)
+    if wrapper == FORMAT_NAME:
+        source_format = FORMAT_NAME
+    elif original_swin:
+        source_format = "esvit"
+    elif wrapper in ("teacher", "student"):
+        source_format = "dino"
+    else:  # bare, or under "state_dict" / "model" / another key such as timm's "state_dict_ema"
+        source_format = "timm"
+
+    heads = [k for k in sd if k not in model_sd and k.split(".", 1)[0] in _HEAD_ROOTS]
+    dropped += heads
+    for k in heads:
+        del sd[k]
+
+    from timm.models.swin_transformer import SwinTransformer
+
+    if isinstance(model, SwinTransformer):
+        # buffers of the original layout that timm recomputes from the window size
+        buffers = [
+            k for k in sd if k.endswith(("relative_position_index", "attn_mask")) and k not in model_sd
+        ]
+        dropped += buffers
+        sd = _convert_swin({k: v for k, v in sd.items() if k not in buffers}, model)
+
+    mismatched = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(model_sd[k].shape)}"
+        for k, v in sd.items()
+        if k in model_sd and v.shape != model_sd[k].shape
+    ]
+    loadable = {k: v for k, v in sd.items() if k in model_sd and v.shape == model_sd[k].shape}
+    missing = [k for k in model_sd if k not in sd]
+    unexpected = [k for k in sd if k not in model_sd]
+    report = LoadReport(missing, unexpected, source_format, mismatched, dropped, loaded=len(loadable))
+
+    if strict and not report.ok:
+        problems = []
+        if mismatched:
+            hint = "another architecture?"
+            if any("relative_position_bias_table" in m for m in mismatched):
+                hint = "another architecture or Swin window size? e.g. pass window_size=14 to create_backbone"
+            problems.append(f"{len(mismatched)} shape mismatches ({hint}): {mismatched[:_SHOWN]}")
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {missing[:_SHOWN]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {unexpected[:_SHOWN]}")
+        key_text = f", checkpoint_key {checkpoint_key!r}" if wrapper not in ("", *_WRAPPER_KEYS) else ""
+        raise ValueError(
+            f"{where} ({source_format}{key_text}) does not fit {backbone.name}: "
+            + "; ".join(problems)
+            + ". Pass strict=False to load what fits and get a LoadReport."
+        )
+    model.load_state_dict(loadable, strict=False)
+    return report
+
+
+# ---------------------------------------------------------------------------------------- export
+def _to_original_swin(
+    model: torch.nn.Module, sd: dict[str, torch.Tensor], include_buffers: bool
+) -> dict[str, torch.Tensor]:
+    """timm Swin keys -> original Swin keys: ``layers.{i}.downsample`` becomes ``layers.{i-1}.downsample``."""
+    pattern = re.compile(r"^layers\.(\d+)\.downsample\.")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        k = pattern.sub(lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k)
+        out[k] = v
+    if include_buffers:
+        for name, buf in model.named_buffers():
+            if name.endswith("attn.relative_position_index"):
+                out[name] = buf.detach().to("cpu", copy=True)
+    return out
+
+
+def export_checkpoint(
+    backbone: Backbone,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    layout: str = "timm",
+    wrap_key: str | None = None,
+    include_buffers: bool = True,
+) -> dict[str, Any]:
+    """The backbone's weights as a state dict in timm's or the original Swin (EsViT) layout.
+
+    Args:
+        backbone: the `Backbone` to export.
+        path: if given, the result is also written there atomically (temporary file + rename).
+        layout: ``"timm"`` (keys as in ``backbone.model``) or ``"esvit"`` (Swin only: the original Swin
+            layout that EsViT/CMD code loads, patch merging at the end of stage i).
+        wrap_key: wrap the state dict as ``{wrap_key: state_dict}`` (``"teacher"`` as DINO/EsViT save).
+        include_buffers: for ``"esvit"``, also write the ``relative_position_index`` buffers ``[A, A]``
+            (A = window area) that original Swin keeps in its state dict. ``attn_mask`` buffers
+            depend on the input resolution and are not written.
+
+    Returns:
+        The (optionally wrapped) state dict, CPU tensors that share no storage with the model.
+
+    Example:
+        >>> from cmd.backbones import create_backbone
+        >>> bb = create_backbone("swin_tiny", embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+        >>> sd = export_checkpoint(bb, layout="esvit")
+        >>> "layers.0.downsample.reduction.weight" in sd, "layers.3.downsample.reduction.weight" in sd
+        (True, False)
+    """
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"backbone must be a cmd Backbone, got {type(backbone).__name__}")
+    if layout not in ("timm", "esvit"):
+        raise ValueError(f"layout must be 'timm' or 'esvit', got {layout!r}")
+    sd = {k: v.detach().to("cpu", copy=True) for k, v in backbone.model.state_dict().items()}
+    if layout == "esvit":
+        from timm.models.swin_transformer import SwinTransformer
+
+        if not isinstance(backbone.model, SwinTransformer):
+            raise ValueError(
+                f"layout='esvit' is for Swin (SwinTransformer) backbones; {backbone.name} is {backbone.family}"
+            )
+        sd = _to_original_swin(backbone.model, sd, include_buffers)
+    result: dict[str, Any] = {wrap_key: sd} if wrap_key is not None else sd
+    if path is not None:
+        _atomic_save(result, os.fspath(path))
+    return result
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,124 @@
+"""`create_backbone`: build a `Backbone` from a timm model name, an alias, or a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .backbone import Backbone
+
+__all__ = ["ALIASES", "create_backbone", "resolve_model_name"]
+
+#: Short names used by the example scripts (and the seed's command line) -> timm model names.
+ALIASES: dict[str, str] = {
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+    "swin_small": "swin_small_patch4_window7_224",
+    "swin_base": "swin_base_patch4_window7_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "resnet50": "resnet50",
+}
+
+# timm modules whose models take `dynamic_img_size=True` / `strict_img_size=False` so that one model
+# accepts every crop size of a multi-crop recipe.
+_DYNAMIC_SIZE_MODULES = ("vision_transformer", "deit", "eva")
+_NON_STRICT_SIZE_MODULES = ("swin_transformer", "swin_transformer_v2")
+
+
+def resolve_model_name(name: str) -> str:
+    """The timm model name for ``name`` (an alias or a timm name, with or without a pretrained tag).
+
+    Example:
+        >>> resolve_model_name("swin_tiny")
+        'swin_tiny_patch4_window7_224'
+    """
+    import timm
+
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    resolved = ALIASES.get(name, name)
+    if not timm.is_model(resolved):
+        raise ValueError(
+            f"unknown backbone {name!r}: not an alias ({', '.join(sorted(ALIASES))}) nor a timm model "
+            "(see timm.list_models())"
+        )
+    return resolved
+
+
+def _size_kwargs(timm_name: str) -> dict[str, Any]:
+    from timm.models import model_entrypoint
+
+    module = model_entrypoint(timm_name).__module__.rsplit(".", 1)[-1]
+    if module in _DYNAMIC_SIZE_MODULES:
+        return {"dynamic_img_size": True}
+    if module in _NON_STRICT_SIZE_MODULES:
+        return {"strict_img_size": False}
+    return {}
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    checkpoint_key: str = "teacher",
+    pooling: str | None = None,
+    **timm_kwargs: Any,
+) -> Backbone:
+    """Create a `Backbone` from a timm model name or a short alias.
+
+    The timm model is created headless (``num_classes=0``) and size-agnostic: ViT-family models with
+    ``dynamic_img_size=True``, Swin with ``strict_img_size=False`` (explicit ``timm_kwargs`` win).
+
+    Args:
+        name: an alias (``swin_tiny``, ``swin_small``, ``swin_base``, ``vit_tiny``, ``vit_small``,
+            ``vit_base``, ``resnet50``) or any timm name of a ViT (``vit_*``, ``deit_*``, with
+            registers too), Swin (``swin_*``; EsViT's Swin-T W14 is ``swin_tiny`` with
+            ``window_size=14``) or CNN with a spatial last feature map (``resnet*``, ``convnext_*``).
+        pretrained: load timm's pretrained weights (needs network or a filled Hugging Face cache).
+        checkpoint: a path or a state dict loaded with `load_checkpoint` (strict): this library's
+            checkpoints, DINO, EsViT/CMD Swin, or timm state dicts.
+        checkpoint_key: which network of a training checkpoint to take (``"teacher"`` or ``"student"``).
+        pooling: ``"cls"`` or ``"mean"`` for ViTs (see `Backbone`).
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``window_size=14``, ``drop_path_rate=0.1``,
+            ``img_size=...``, or small test configs such as ``depth=2``).
+
+    Returns:
+        The `Backbone` (in training mode, as timm returns it).
+
+    Raises:
+        ValueError: unknown name, or both ``pretrained`` and ``checkpoint``.
+        RuntimeError: ``pretrained=True`` and the weights cannot be fetched.
+
+    Example:
+        >>> bb = create_backbone("swin_tiny", embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+        >>> bb.family, bb.embed_dim
+        ('swin', 192)
+    """
+    import timm
+
+    timm_name = resolve_model_name(name)
+    if pretrained and checkpoint is not None:
+        raise ValueError("pass either pretrained=True or checkpoint=..., not both")
+    kwargs: dict[str, Any] = {"num_classes": 0, **_size_kwargs(timm_name)}
+    kwargs.update(timm_kwargs)
+    if pretrained:
+        try:
+            model = timm.create_model(timm_name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise RuntimeError(
+                f"could not load timm's pretrained weights for {timm_name!r} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Without network access or a cached copy, "
+                f"create the model with pretrained=False and pass checkpoint='path/to/weights.pth' "
+                f"(DINO, EsViT/CMD, timm or cmd-fgvc checkpoints are recognised)."
+            ) from err
+    else:
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+    backbone = Backbone(model, name=timm_name, pooling=pooling)
+    if checkpoint is not None:
+        from .checkpoints import load_checkpoint
+
+        load_checkpoint(backbone, checkpoint, checkpoint_key=checkpoint_key, strict=True)
+    return backbone
