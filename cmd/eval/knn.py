@@ -149,7 +149,7 @@ class KNNClassifier:
         """
         if self._search is None:
             raise RuntimeError("call fit(train_features, train_labels) before predict / evaluate")
-        check_features(test_features, "test_features", self._search.dim)
+        check_features(test_features, "test_features", self._search.dim, "the training features")
         ks = self._effective_ks()
         q = test_features.detach().float()
         if self.normalize:
@@ -190,7 +190,7 @@ class KNNClassifier:
         """
         if self._search is None:
             raise RuntimeError("call fit(train_features, train_labels) before predict / evaluate")
-        check_features(test_features, "test_features", self._search.dim)
+        check_features(test_features, "test_features", self._search.dim, "the training features")
         y = check_labels(test_labels, "test_labels", test_features.shape[0], "test_features")
         if y.numel() == 0:
             raise ValueError("test_features is empty")
@@ -201,13 +201,13 @@ class KNNClassifier:
         results = {}
         for k, ranked in self.predict(test_features).items():
             correct = ranked == y[:, None]
-            top1 = correct[:, 0].float()
-            per_class_sum = torch.zeros(self._num_classes).index_add_(0, y, top1)
-            per_class_n = torch.bincount(y, minlength=self._num_classes).float()
+            top1 = correct[:, 0].double()
+            per_class_sum = torch.zeros(self._num_classes, dtype=torch.float64).index_add_(0, y, top1)
+            per_class_n = torch.bincount(y, minlength=self._num_classes).double()
             present = per_class_n > 0
             results[k] = {
                 "top1": 100.0 * float(top1.mean()),
-                "top5": 100.0 * float(correct.any(dim=1).float().mean()),
+                "top5": 100.0 * float(correct.any(dim=1).double().mean()),
                 "mean_per_class_top1": 100.0 * float((per_class_sum[present] / per_class_n[present]).mean()),
             }
         return results

@@ -29,7 +29,7 @@ def class_balanced_subset(
 
     Example:
         >>> class_balanced_subset([0, 0, 0, 0, 1, 1], 0.5).tolist()
-        [1, 2, 5]
+        [2, 3, 4]
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"label_fraction must be a number in (0, 1], got {fraction!r}")

@@ -22,8 +22,10 @@ __all__ = ["InnerProductSearch", "check_features", "sort_by_similarity_then_inde
 Backend = Literal["faiss", "torch"]
 
 
-def check_features(x: torch.Tensor, name: str, dim: int | None = None) -> torch.Tensor:
-    """Check that ``x`` is a finite 2-D floating tensor [N, D] (with D == ``dim`` when given).
+def check_features(
+    x: torch.Tensor, name: str, dim: int | None = None, dim_of: str = "the reference features"
+) -> torch.Tensor:
+    """Check that ``x`` is a finite 2-D floating tensor [N, D] (with D == ``dim``, that of ``dim_of``).
 
     Raises:
         TypeError: when ``x`` is not a floating-point tensor.
@@ -36,7 +38,7 @@ def check_features(x: torch.Tensor, name: str, dim: int | None = None) -> torch.
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [N, D], got {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name} must have D = {dim} columns (as the fitted features), got {x.shape[1]}")
+        raise ValueError(f"{name} must have D = {dim} columns (as {dim_of}), got {x.shape[1]}")
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         row = int(bad.any(dim=1).nonzero()[0, 0])
@@ -110,7 +112,7 @@ class InnerProductSearch:
             (sims [Q, k] float32, ids [Q, k] int64), on the CPU for faiss and on the database's
             device for torch; rows sorted by decreasing similarity, ties by increasing id.
         """
-        check_features(queries, "queries", self.dim)
+        check_features(queries, "queries", self.dim, "the database")
         if not 1 <= k <= self.size:
             raise ValueError(f"k must lie in [1, {self.size}] (the database size), got {k}")
         sims, ids = [], []

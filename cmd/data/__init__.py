@@ -1,0 +1,30 @@
+"""Datasets: CUB-200-2011, Stanford Cars, FGVC-Aircraft, image folders, and a synthetic fine-grained set.
+
+Every dataset yields ``(image, label)`` with an RGB PIL image (or ``transform(image)``), like
+torchvision's datasets, and exposes ``classes``, ``targets`` and ``num_classes``.
+:class:`SyntheticFineGrained` needs no files and is the default data of the examples and tests.
+
+Example:
+    >>> from cmd.data import SyntheticFineGrained, build_dataset
+    >>> train = SyntheticFineGrained(n_classes=5, n_per_class=4, image_size=32)
+    >>> len(train), train.num_classes
+    (20, 5)
+    >>> cub = build_dataset("cub200", "/data/cub", split="test")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from .cub import CUB200
+from .image_list import ImageListDataset, load_rgb
+from .registry import DATASETS, build_dataset
+from .synthetic import SyntheticFineGrained, SyntheticSample
+
+__all__ = [
+    "CUB200",
+    "ImageListDataset",
+    "load_rgb",
+    "DATASETS",
+    "build_dataset",
+    "SyntheticFineGrained",
+    "SyntheticSample",
+]

@@ -1,0 +1,105 @@
+"""`ImageListDataset`: labelled image files on disk, with errors that name the file at fault."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import PIL.Image
+from torch.utils.data import Dataset
+
+__all__ = ["ImageListDataset", "load_rgb"]
+
+
+def load_rgb(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open an image file fully as an RGB PIL image.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        OSError: when the file is unreadable (a corrupt or truncated JPEG), naming the file.
+    """
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")  # convert() forces the full decode, so truncation shows here
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"image file not found: {os.fspath(path)}") from err
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for corrupt files
+        raise OSError(f"cannot read image {os.fspath(path)}: {err}") from err
+
+
+class ImageListDataset(Dataset):
+    """A dataset of ``(path, label)`` image files; samples are ``(image, label)``.
+
+    ``image`` is an RGB PIL image (or ``transform(image)``), the label an int in
+    ``[0, len(classes))``, as in torchvision's datasets. Every class must have at least one sample.
+
+    Args:
+        samples: (path, label) pairs.
+        classes: class names, index = label.
+        transform: applied to the PIL image.
+        target_transform: applied to the label.
+        source: what the sample list was read from, for error messages.
+        check_files: check at construction that every file exists.
+
+    Attributes:
+        samples, targets, classes, num_classes.
+
+    Example:
+        >>> data = ImageListDataset([("a.jpg", 0), ("b.jpg", 1)], ["cat", "dog"], check_files=False)
+        >>> data.targets, data.num_classes
+        ([0, 1], 2)
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        transform: Callable[[Any], Any] | None = None,
+        target_transform: Callable[[int], Any] | None = None,
+        *,
+        source: str = "the sample list",
+        check_files: bool = True,
+    ) -> None:
+        self.samples = [(os.fspath(path), int(label)) for path, label in samples]
+        self.classes = list(classes)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+        self.target_transform = target_transform
+        self.source = source
+        if not self.samples:
+            raise ValueError(f"no images listed in {source}")
+        bad = [label for label in self.targets if not 0 <= label < len(self.classes)]
+        if bad:
+            raise ValueError(f"{source}: label {bad[0]} outside [0, {len(self.classes)})")
+        counts = [0] * len(self.classes)
+        for label in self.targets:
+            counts[label] += 1
+        empty = [self.classes[c] for c, n in enumerate(counts) if n == 0]
+        if empty:
+            raise ValueError(f"{source}: {len(empty)} classes have no image, e.g. {empty[:5]}")
+        if check_files:
+            missing = [path for path, _ in self.samples if not os.path.isfile(path)]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} image files listed in {source} are missing, e.g. {missing[:3]}"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        path, label = self.samples[index]
+        image: Any = load_rgb(path)
+        if self.transform is not None:
+            image = self.transform(image)
+        target: Any = label if self.target_transform is None else self.target_transform(label)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes, from {self.source})"

@@ -1,0 +1,146 @@
+"""`build_dataset`: one entry point for the fine-grained datasets of the protocols."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from .cub import CUB200
+from .image_list import ImageListDataset
+from .synthetic import SyntheticFineGrained
+
+__all__ = ["build_dataset", "DATASETS"]
+
+_ALIASES = {
+    "synthetic": "synthetic",
+    "synthetic_fine_grained": "synthetic",
+    "cub": "cub200",
+    "cub200": "cub200",
+    "cub_200": "cub200",
+    "cub_200_2011": "cub200",
+    "cars": "stanford_cars",
+    "stanford_cars": "stanford_cars",
+    "stanfordcars": "stanford_cars",
+    "aircraft": "fgvc_aircraft",
+    "fgvc_aircraft": "fgvc_aircraft",
+    "fgvcaircraft": "fgvc_aircraft",
+    "imagefolder": "imagefolder",
+    "image_folder": "imagefolder",
+}
+
+#: canonical dataset names accepted by :func:`build_dataset` (aliases such as "cub" or "cars" too)
+DATASETS = ("synthetic", "cub200", "stanford_cars", "fgvc_aircraft", "imagefolder")
+
+
+def _stanford_cars(root: Path, split: str, transform, target_transform) -> ImageListDataset:
+    from torchvision.datasets import StanfordCars
+
+    if split not in ("train", "test"):
+        raise ValueError(f"Stanford Cars split must be 'train' or 'test', got {split!r}")
+    base = root / "stanford_cars"
+    needed = (
+        [base / "devkit" / "cars_train_annos.mat", base / "cars_train"]
+        if split == "train"
+        else [base / "cars_test_annos_withlabels.mat", base / "cars_test"]
+    )
+    needed.append(base / "devkit" / "cars_meta.mat")
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"Stanford Cars ({split}) not found: missing {missing}. torchvision cannot download it; place "
+            f"devkit/ (cars_meta.mat, cars_train_annos.mat), cars_train/, cars_test/ and "
+            f"cars_test_annos_withlabels.mat under {base}"
+        )
+    data = StanfordCars(str(root), split=split, download=False)
+    return ImageListDataset(
+        data._samples, data.classes, transform, target_transform, source=str(base / f"cars_{split}")
+    )
+
+
+def _fgvc_aircraft(root: Path, split: str, transform, target_transform) -> ImageListDataset:
+    from torchvision.datasets import FGVCAircraft
+
+    split = {"train": "trainval"}.get(split, split)  # the protocol trains on trainval (6,667 images)
+    if split not in ("trainval", "val", "test", "train_only"):
+        raise ValueError(f"FGVC-Aircraft split must be 'train' (= trainval), 'trainval', 'val' or 'test', got {split!r}")
+    tv_split = "train" if split == "train_only" else split
+    base = root / "fgvc-aircraft-2013b"
+    labels_file = base / "data" / f"images_variant_{tv_split}.txt"
+    needed = (labels_file, base / "data" / "variants.txt", base / "data" / "images")
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"FGVC-Aircraft ({split}) not found: missing {missing}. Download fgvc-aircraft-2013b.tar.gz from "
+            f"https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ and extract it in {root} (so that {base} exists)"
+        )
+    data = FGVCAircraft(str(root), split=tv_split, annotation_level="variant", download=False)
+    return ImageListDataset(
+        list(zip(data._image_files, data._labels)), data.classes, transform, target_transform, source=str(labels_file)
+    )
+
+
+def _image_folder(root: Path, split: str, transform, target_transform) -> ImageListDataset:
+    from torchvision.datasets import ImageFolder
+
+    folder = root / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"image folder not found: {folder} (expected {folder}/<class>/<image>; "
+            "pass split='' to read root/<class>/<image>)"
+        )
+    data = ImageFolder(str(folder))  # raises, naming them, for class folders without images
+    return ImageListDataset(data.samples, data.classes, transform, target_transform, source=str(folder))
+
+
+def build_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    transform: Callable[[Any], Any] | None = None,
+    *,
+    target_transform: Callable[[int], Any] | None = None,
+    **kwargs: Any,
+) -> Dataset:
+    """Build a dataset by name; samples are ``(image, label)`` with a PIL image or ``transform(image)``.
+
+    Names (case-insensitive, ``-`` or ``_``):
+
+    - ``"synthetic"``: :class:`SyntheticFineGrained` (``root`` unused; ``kwargs`` go to it, e.g.
+      ``n_classes``, ``image_size``, ``return_part_mask``).
+    - ``"cub200"`` / ``"cub"``: :class:`CUB200` from ``root`` (the ``CUB_200_2011`` folder or its
+      parent); splits ``train`` / ``test``.
+    - ``"stanford_cars"`` / ``"cars"``: torchvision's ``StanfordCars`` layout under
+      ``root/stanford_cars`` (``download=False``: torchvision cannot download it any more);
+      splits ``train`` / ``test``.
+    - ``"fgvc_aircraft"`` / ``"aircraft"``: torchvision's ``FGVCAircraft`` layout under
+      ``root/fgvc-aircraft-2013b``, variant level (100 classes); ``train`` means ``trainval``
+      (6,667 images, the protocol), also ``val``, ``test`` and ``train_only`` (torchvision's "train").
+    - ``"imagefolder"``: ``root/split/<class>/<image>`` (``split=""`` reads ``root/<class>/<image>``),
+      with torchvision's ``ImageFolder`` rules.
+
+    The file-based datasets are :class:`ImageListDataset` objects: they expose ``samples``,
+    ``targets``, ``classes`` and ``num_classes``, and name the file in every error (a missing
+    dataset says where to put the files).
+
+    Example:
+        >>> data = build_dataset("synthetic", split="test", n_classes=5, n_per_class=4)
+        >>> len(data), data.num_classes
+        (20, 5)
+    """
+    key = _ALIASES.get(name.lower().replace("-", "_"))
+    if key is None:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)} (or an alias: {sorted(_ALIASES)})")
+    if key == "synthetic":
+        return SyntheticFineGrained(split=split, transform=transform, target_transform=target_transform, **kwargs)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a root directory")
+    if key == "cub200":
+        return CUB200(root, split, transform, target_transform, **kwargs)
+    if kwargs:
+        raise TypeError(f"unexpected arguments for dataset {name!r}: {sorted(kwargs)}")
+    builder = {"stanford_cars": _stanford_cars, "fgvc_aircraft": _fgvc_aircraft, "imagefolder": _image_folder}[key]
+    return builder(Path(root), split, transform, target_transform)

@@ -1,0 +1,124 @@
+"""SyntheticFineGrained: deterministic, fast, and fine-grained (only a small part tells classes apart)."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from cmd.data import SyntheticFineGrained
+
+
+def test_sizes_labels_and_attributes():
+    data = SyntheticFineGrained(n_classes=4, n_per_class=3, image_size=48)
+    assert len(data) == 12 and data.num_classes == 4
+    assert data.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert data.classes == ["class_0", "class_1", "class_2", "class_3"]
+    image, label = data[4]
+    assert isinstance(image, PIL.Image.Image) and image.mode == "RGB" and image.size == (48, 48)
+    assert label == 1
+    assert data[-1][1] == 3
+    with pytest.raises(IndexError, match="out of range"):
+        data[12]
+
+
+def test_transform_and_part_mask():
+    data = SyntheticFineGrained(
+        n_classes=3, n_per_class=2, image_size=40, return_part_mask=True,
+        transform=lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1), target_transform=lambda y: y + 10,
+    )
+    image, label, mask = data[3]
+    assert image.shape == (3, 40, 40) and image.dtype == torch.uint8
+    assert label == 11
+    assert mask.shape == (40, 40) and mask.dtype == torch.bool
+    part = data.part_size
+    assert part == 8 and int(mask.sum()) == part * part  # a square part
+    rows, cols = mask.nonzero(as_tuple=True)
+    assert int(rows.max() - rows.min()) == part - 1 and int(cols.max() - cols.min()) == part - 1
+
+
+@pytest.mark.parametrize("size", [16, 64, 100, 224])
+def test_part_covers_under_five_percent(size):
+    data = SyntheticFineGrained(n_classes=2, n_per_class=2, image_size=size)
+    _, masks, _ = data.to_arrays()
+    assert (masks.sum(axis=(1, 2)) / size**2 < 0.05).all()
+    assert (masks.sum(axis=(1, 2)) > 0).all()
+
+
+def test_deterministic_per_seed_split_and_index():
+    a = SyntheticFineGrained(n_classes=3, n_per_class=4, image_size=32, seed=1)
+    b = SyntheticFineGrained(n_classes=3, n_per_class=4, image_size=32, seed=1, cache=False)
+    images_a, masks_a, labels_a = a.to_arrays()
+    images_b, masks_b, labels_b = b.to_arrays()
+    assert np.array_equal(images_a, images_b) and np.array_equal(masks_a, masks_b)
+    assert np.array_equal(labels_a, labels_b)
+    # access order does not matter: an index renders the same alone
+    assert np.array_equal(SyntheticFineGrained(n_classes=3, n_per_class=4, image_size=32, seed=1).render(7).image,
+                          images_a[7])
+    other_seed = SyntheticFineGrained(n_classes=3, n_per_class=4, image_size=32, seed=2).to_arrays()[0]
+    other_split = SyntheticFineGrained(n_classes=3, n_per_class=4, image_size=32, seed=1, split="test").to_arrays()[0]
+    assert not np.array_equal(images_a, other_seed)
+    assert not np.array_equal(images_a, other_split)
+    # the class patterns are shared by the splits of one seed
+    assert np.array_equal(a._codes, SyntheticFineGrained(n_classes=3, seed=1, split="test")._codes)
+
+
+def test_classes_differ_only_inside_the_part():
+    data = SyntheticFineGrained(n_classes=5, n_per_class=2, image_size=64)
+    for index in range(0, 10, 3):
+        own = data.render(index)
+        for label in range(5):
+            other = data.render(index, label=label)
+            outside = ~own.part_mask
+            assert np.array_equal(own.image[outside], other.image[outside])
+            assert np.array_equal(own.part_mask, other.part_mask)
+            if label != own.label:
+                assert not np.array_equal(own.image[own.part_mask], other.image[own.part_mask])
+    codes = data._codes.reshape(5, -1)
+    assert (codes.sum(axis=1) == 8).all()  # the same number of light cells: no mean-colour cue
+    assert len({c.tobytes() for c in codes}) == 5
+
+
+def _ridge_accuracy(train_x, train_y, test_x, test_y, n_classes, alpha=10.0):
+    """One-vs-all ridge regression in closed (dual) form, on standardised features."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    targets = np.eye(n_classes)[train_y]
+    dual = np.linalg.solve(train_x @ train_x.T + alpha * np.eye(len(train_x)), targets)
+    scores = test_x @ (train_x.T @ dual)
+    return float((scores.argmax(1) == test_y).mean())
+
+
+def _part_crops(images, masks):
+    crops = []
+    for image, mask in zip(images, masks):
+        rows, cols = np.nonzero(mask)
+        crops.append(image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].reshape(-1))
+    return np.stack(crops).astype(np.float64) / 255
+
+
+def test_the_task_is_fine_grained():
+    """A linear classifier on whole images is near chance; on the part crop it is near perfect."""
+    kwargs = {"n_classes": 5, "n_per_class": 40, "image_size": 64, "seed": 0}
+    train_images, train_masks, train_y = SyntheticFineGrained(split="train", **kwargs).to_arrays()
+    test_images, test_masks, test_y = SyntheticFineGrained(split="test", **kwargs).to_arrays()
+    whole = _ridge_accuracy(
+        train_images.reshape(len(train_y), -1) / 255.0, train_y, test_images.reshape(len(test_y), -1) / 255.0, test_y, 5
+    )
+    part = _ridge_accuracy(_part_crops(train_images, train_masks), train_y, _part_crops(test_images, test_masks),
+                           test_y, 5)
+    assert part > 0.9
+    assert whole < 0.4  # chance is 0.2
+    assert part - whole > 0.5
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="image_size"):
+        SyntheticFineGrained(image_size=8)
+    with pytest.raises(ValueError, match="split"):
+        SyntheticFineGrained(split="validation")
+    with pytest.raises(ValueError, match="n_classes"):
+        SyntheticFineGrained(n_classes=0)
+    with pytest.raises(ValueError, match="label"):
+        SyntheticFineGrained(n_classes=2, n_per_class=1).render(0, label=2)

@@ -1,0 +1,171 @@
+"""LinearProbe / train_linear_probe on a stand-in backbone (and one tiny timm ViT)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from cmd.eval import LinearProbe, train_linear_probe
+
+N_CLASSES = 4
+
+
+class StandInBackbone(nn.Module):
+    """A frozen 'backbone' with the forward_last_blocks API and a BatchNorm that must not drift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.BatchNorm1d(12)
+        self.proj = nn.Linear(12, 16)
+
+    def forward_last_blocks(self, x: torch.Tensor, n: int = 4, avgpool: bool = False) -> torch.Tensor:
+        h = self.proj(self.norm(x.flatten(1)))
+        blocks = [h * (i + 1) for i in range(n)]
+        if avgpool:
+            blocks.append(h.mean(dim=1, keepdim=True))
+        return torch.cat(blocks, dim=1)
+
+
+class Blobs(Dataset):
+    """Gaussian class blobs as [3, 2, 2] 'images', with a `targets` list."""
+
+    def __init__(self, n_per_class: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        centres = torch.randn(N_CLASSES, 12, generator=torch.Generator().manual_seed(123)) * 2
+        self.targets = [c for c in range(N_CLASSES) for _ in range(n_per_class)]
+        y = torch.tensor(self.targets)
+        self.images = (centres[y] + torch.randn(len(y), 12, generator=g)).reshape(-1, 3, 2, 2)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.targets[i]
+
+
+def _loaders(batch_size: int = 32):
+    train = DataLoader(Blobs(40, seed=1), batch_size=batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    val = DataLoader(Blobs(20, seed=2), batch_size=64)
+    return train, val
+
+
+def test_cached_probe_learns_and_backbone_stays_frozen():
+    backbone = StandInBackbone().train()
+    stats = (backbone.norm.running_mean.clone(), backbone.norm.running_var.clone())
+    weights = backbone.proj.weight.clone()
+    train, val = _loaders()
+    out = train_linear_probe(backbone, train, val, epochs=30, lrs=[1e-5, 0.05], cache_features=True, progress=False)
+    assert out["feature_dim"] == 64 and out["num_train"] == 160
+    assert out["per_lr"][0.05]["top1"] > 90.0
+    assert out["per_lr"][1e-5]["top1"] < out["per_lr"][0.05]["top1"]
+    assert out["lr"] == 0.05 and out["top1"] == out["per_lr"][0.05]["top1"]
+    assert out["top5"] == 100.0  # 4 classes: top-5 is over all of them
+    assert isinstance(out["probe"], LinearProbe)
+    assert torch.equal(backbone.norm.running_mean, stats[0]) and torch.equal(backbone.norm.running_var, stats[1])
+    assert torch.equal(backbone.proj.weight, weights)
+    assert backbone.training  # mode restored
+
+
+def test_streaming_probe_learns():
+    backbone = StandInBackbone()
+    stats = backbone.norm.running_mean.clone()
+    train, val = _loaders()
+    out = train_linear_probe(backbone, train, val, epochs=15, lr=0.05, n_last_blocks=2, avgpool=True, progress=False)
+    assert out["feature_dim"] == 33
+    assert out["top1"] > 90.0
+    assert torch.equal(backbone.norm.running_mean, stats)
+
+
+def test_cached_training_equals_a_plain_sgd_loop():
+    """Momentum SGD with a cosine over epochs, written out by hand, gives the same head."""
+    backbone = StandInBackbone()
+    _, val = _loaders()
+    train = DataLoader(Blobs(40, seed=1), batch_size=16)  # unshuffled: cached rows in dataset order
+    epochs, lr, seed = 4, 0.2, 7
+    out = train_linear_probe(
+        backbone, train, val, epochs=epochs, lr=lr, batch_size=16, cache_features=True, seed=seed, progress=False
+    )
+    data = train.dataset
+    with torch.no_grad():
+        x = backbone.eval().forward_last_blocks(data.images, n=4)
+    y = torch.tensor(data.targets)
+    w = torch.empty(N_CLASSES, 64)
+    nn.init.normal_(w, 0.0, 0.01, generator=torch.Generator().manual_seed(seed))
+    b = torch.zeros(N_CLASSES)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    buffers = [torch.zeros_like(w), torch.zeros_like(b)]
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        step_lr = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+        perm = torch.randperm(len(y), generator=g)
+        for start in range(0, len(y), 16):
+            idx = perm[start : start + 16]
+            loss = F.cross_entropy(x[idx] @ w.T + b, y[idx])
+            grads = torch.autograd.grad(loss, [w, b])
+            with torch.no_grad():
+                for p, grad, buf in zip((w, b), grads, buffers):
+                    buf.mul_(0.9).add_(grad)
+                    p.sub_(step_lr * buf)
+    torch.testing.assert_close(out["probe"].linear.weight, w.detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["probe"].linear.bias, b.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_default_lr_and_label_fraction():
+    train, val = _loaders(batch_size=32)
+    out = train_linear_probe(StandInBackbone(), train, val, epochs=1, progress=False, label_fraction=0.5)
+    assert out["lr"] == pytest.approx(1e-3 * 32 / 256)
+    assert out["num_train"] == 80  # streaming: a class-balanced subset of the dataset
+    cached = train_linear_probe(
+        StandInBackbone(), train, val, epochs=1, cache_features=True, label_fraction=0.25, progress=False
+    )
+    assert cached["num_train"] == 40
+    no_targets = DataLoader(TensorDataset(torch.randn(8, 3, 2, 2), torch.arange(8) % 4), batch_size=4)
+    with pytest.raises(ValueError, match="targets"):
+        train_linear_probe(StandInBackbone(), no_targets, val, epochs=1, label_fraction=0.5, progress=False)
+
+
+def test_argument_errors():
+    train, val = _loaders()
+    with pytest.raises(TypeError, match="forward_last_blocks"):
+        train_linear_probe(nn.Linear(2, 2), train, val, progress=False)
+    with pytest.raises(ValueError, match="either lr or lrs"):
+        train_linear_probe(StandInBackbone(), train, val, lr=0.1, lrs=[0.1], progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        train_linear_probe(StandInBackbone(), train, val, epochs=0, progress=False)
+    with pytest.raises(ValueError, match="learning rates"):
+        train_linear_probe(StandInBackbone(), train, val, lrs=[0.1, -1.0], progress=False)
+    with pytest.raises(ValueError, match="training labels"):
+        train_linear_probe(StandInBackbone(), train, val, num_classes=2, epochs=1, cache_features=True,
+                           progress=False)
+
+
+def test_linear_probe_module():
+    a, b = LinearProbe(8, 3, seed=1), LinearProbe(8, 3, seed=1)
+    assert torch.equal(a.linear.weight, b.linear.weight)
+    assert a.linear.weight.std() < 0.05 and torch.equal(a.linear.bias, torch.zeros(3))
+    assert a(torch.randn(5, 8)).shape == (5, 3)
+    with pytest.raises(ValueError, match=r"\[B, 8\]"):
+        a(torch.randn(5, 7))
+
+
+def test_with_a_tiny_vit_backbone():
+    backbones = pytest.importorskip("cmd.backbones")
+    if not hasattr(backbones, "create_backbone"):
+        pytest.skip("cmd.backbones.create_backbone is not available")
+    torch.manual_seed(0)
+    backbone = backbones.create_backbone("vit_tiny", depth=2)
+    images = torch.rand(8, 3, 32, 32)
+    labels = torch.arange(8) % 2
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    out = train_linear_probe(backbone, loader, loader, num_classes=2, n_last_blocks=2, avgpool=True,
+                             epochs=2, cache_features=True, progress=False)
+    assert out["feature_dim"] == 3 * 192
+    assert 0.0 <= out["top1"] <= 100.0
