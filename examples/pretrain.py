@@ -7,6 +7,7 @@ setting (Swin-T, 2 x 224 + 8 x 96 crops, K = 65536, from EsViT's ImageNet checkp
     torchrun --nproc_per_node 8 examples/pretrain.py --arch swin_tiny --dataset cub \\
         --data_path /data/CUB_200_2011 --output_dir out/cub_cmd --init esvit_swin_tiny.pth \\
         --global_size 224 --local_size 96 --local_crops_number 8 --out_dim 65536 \\
+        --head_hidden_dim 2048 --head_bottleneck_dim 256 --warmup_epochs 10 \\
         --batch_size_per_gpu 32 --epochs 100 --amp bf16 --loss cmd --mil_pooling gated_attention
 
 What one step does (the data flow of the library)::
@@ -49,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="vit_tiny", help="backbone name (timm name or alias: swin_tiny, vit_small, ...)")
     g.add_argument("--backbone_kwargs", type=json.loads, default=None,
-                   help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; the demo default '
-                        "makes vit_tiny tiny")
+                   help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; default for vit_tiny '
+                        'at crops <= 96 px (the demo): {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3}')
     g.add_argument("--init", type=str, default=None, help="DINO / EsViT / CMD / timm checkpoint to start from")
     g.add_argument("--init_key", type=str, default="teacher", help="key of the backbone weights in --init")
     g.add_argument("--out_dim", type=int, default=1024, help="K, prototypes of the heads (paper: 65536)")
+    g.add_argument("--head_hidden_dim", type=int, default=256, help="hidden width of the heads' MLP (paper: 2048)")
+    g.add_argument("--head_bottleneck_dim", type=int, default=64, help="bottleneck of the heads (paper: 256)")
     g.add_argument("--norm_last_layer", type=_bool, default=True)
     g.add_argument("--mil_pooling", default="gated_attention",
                    choices=["mean", "sum", "max", "attention", "gated_attention"])
@@ -71,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--student_temp", type=float, default=0.1)
     g.add_argument("--center_momentum", type=float, default=0.9)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=20)
+    g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch_size_per_gpu", type=int, default=32)
     g.add_argument("--lr", type=float, default=5e-4, help="base lr at total batch 256 (scaled linearly)")
     g.add_argument("--min_lr", type=float, default=1e-6)
@@ -94,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0))
     g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4))
     g.add_argument("--eval_size", type=int, default=None, help="k-NN evaluation image size (default: global_size)")
-    g.add_argument("--num_workers", type=int, default=0)
+    g.add_argument("--num_workers", type=int, default=2,
+                   help="data-loading processes (each augments with one thread; 0 augments in the main process)")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", type=str, default="outputs/pretrain_demo")
     g.add_argument("--saveckp_freq", type=int, default=0, help="also keep checkpoint{epoch:04}.pth every N epochs")
@@ -139,7 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     if args.backbone_kwargs is None:
-        args.backbone_kwargs = {"depth": 4, "patch_size": 8} if args.arch == "vit_tiny" and args.global_size <= 96 else {}
+        demo = args.arch == "vit_tiny" and args.global_size <= 96
+        args.backbone_kwargs = {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3} if demo else {}
     return args
 
 
@@ -200,6 +205,31 @@ class _SkipFirst(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.skip)
+
+
+# -------------------------------------------------------------------------------------- network
+
+
+def build_network(args: argparse.Namespace, *, verbose: bool = False) -> cmd.CMDNetwork:
+    """The student: a backbone (optionally initialised from --init) and a cross-level head."""
+    backbone = cmd.create_backbone(args.arch, pretrained=False, **args.backbone_kwargs)
+    if args.init:
+        report = cmd.load_checkpoint(backbone, args.init, checkpoint_key=args.init_key, strict=False)
+        if verbose:
+            print(f"initialised from {args.init} ({report.source_format}); missing={len(report.missing)} "
+                  f"unexpected={len(report.unexpected)}")
+    head = cmd.CrossLevelHead(
+        backbone.embed_dim,
+        out_dim=args.out_dim,
+        hidden_dim=args.head_hidden_dim,
+        bottleneck_dim=args.head_bottleneck_dim,
+        pooling=args.mil_pooling,
+        image_input=args.image_input,
+        norm_last_layer=args.norm_last_layer,
+        share_prototypes=args.share_prototypes,
+        region_head=args.loss != "dino",
+    )
+    return cmd.CMDNetwork(backbone, head)
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -273,22 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = args.epochs * iters_per_epoch
 
     # ---- networks
-    backbone = cmd.create_backbone(args.arch, pretrained=False, **args.backbone_kwargs)
-    if args.init:
-        report = cmd.load_checkpoint(backbone, args.init, checkpoint_key=args.init_key, strict=False)
-        if rank == 0:
-            print(f"initialised from {args.init} ({report.source_format}); missing={len(report.missing)} "
-                  f"unexpected={len(report.unexpected)}")
-    head = cmd.CrossLevelHead(
-        backbone.embed_dim,
-        out_dim=args.out_dim,
-        pooling=args.mil_pooling,
-        image_input=args.image_input,
-        norm_last_layer=args.norm_last_layer,
-        share_prototypes=args.share_prototypes,
-        region_head=args.loss != "dino",
-    )
-    student = cmd.CMDNetwork(backbone, head).to(device)
+    student = build_network(args, verbose=rank == 0).to(device)
     ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps)
     teacher = ema.teacher
     student_ddp: nn.Module = student
