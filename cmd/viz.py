@@ -112,11 +112,15 @@ def plot_training_log(log_path: str | Path, path: str | Path | None = None) -> A
     panels = [("loss terms", loss_keys), ("teacher entropy", ["teacher_entropy"]), ("k-NN top-1 (%)", ["knn_top1"])]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (title, keys) in zip(axes, panels):
+        plotted = False
         for key in keys:
             xs = [e for e, r in zip(epochs, records) if r.get(key) is not None]
             ys = [r[key] for r in records if r.get(key) is not None]
             if ys:
                 ax.plot(xs, ys, marker="o", markersize=3, label=key)
+                plotted = True
+        if not plotted:
+            ax.text(0.5, 0.5, f"{keys[0]} not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         if len(keys) > 1:

@@ -42,7 +42,7 @@ def _teacher_state(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_default_run_reduced(pretrain, tmp_path):
-    result = pretrain.main([*SMALL, "--epochs", "2", "--output_dir", str(tmp_path), "--knn_k", "5"])
+    result = pretrain.main([*SMALL, "--epochs", "2", "--output_dir", str(tmp_path), "--knn_k", "5", "--viz"])
     assert not result["interrupted"]
     assert {"before", "after"} <= set(result["knn"])
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -55,6 +55,8 @@ def test_default_run_reduced(pretrain, tmp_path):
     backbone = cmd.create_backbone("vit_tiny", depth=2, patch_size=8, embed_dim=48, num_heads=3)
     report = cmd.load_checkpoint(backbone, tmp_path / "checkpoint.pth", checkpoint_key="teacher")
     assert not report.missing and not report.unexpected
+    for picture in ("training_curves.png", "region_weights.png"):
+        assert (tmp_path / picture).stat().st_size > 1000, picture
 
 
 @pytest.mark.slow
