@@ -113,3 +113,43 @@ def test_torchrun_two_processes_equals_one_process(tmp_path):
     la = json.loads((tmp_path / "one" / "log.jsonl").read_text().splitlines()[-1])
     lb = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[-1])
     assert la["loss"] == pytest.approx(lb["loss"], rel=1e-4)
+
+
+def test_config_file_sets_defaults_and_cli_overrides(pretrain, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epochs: 7\nout_dim: 128\nloss: esvit\n")
+    args = pretrain.parse_args(["--config", str(cfg), "--out_dim", "256"])
+    assert (args.epochs, args.out_dim, args.loss) == (7, 256, "esvit")
+    cfg_json = tmp_path / "run.json"
+    cfg_json.write_text(json.dumps({"epochs": 3}))
+    assert pretrain.parse_args(["--config", str(cfg_json)]).epochs == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"epochz": 3}))
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--config", str(bad)])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *SMALL, "--epochs", "50", "--no_knn", "--output_dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped at step" in out
+    ckpt = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert 0 < ckpt["step"] < 50 * 4
