@@ -448,7 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
             record = {
                 "epoch": epoch + 1 if epoch_done else epoch + step / iters_per_epoch - epoch,
                 "step": step,
-                **{k: float(v) for k, v in sums.items()},
+                # terms a preset does not compute are NaN: left out of the log (strict JSON)
+                **{k: float(v) for k, v in sums.items() if k in active or k == "loss" or bool(torch.isfinite(v))},
                 "lr": float(lr_schedule[step - 1]),
                 "weight_decay": float(wd_schedule[step - 1]),
                 "teacher_momentum": float(ema.momentum_at(step - 1)),

@@ -53,6 +53,7 @@ from cmd.pooling import POOLING_MODES, MultiInstancePooling
 __all__ = ["CrossLevelHead"]
 
 ImageInput = Literal["pooled", "mil"]
+RegionOutput = Literal["logits", "embedding"]
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -77,6 +78,13 @@ class CrossLevelHead(nn.Module):
             under ``torch.autocast``, else float32). ``torch.bfloat16`` / ``torch.float16``: the
             region head runs under autocast to that dtype even when the caller does not autocast.
             ``torch.float32``: the region head runs with autocast disabled.
+        region_output: ``"logits"`` (default): ``region`` holds the region logits [B, N, K].
+            ``"embedding"``: the prototype layer is left to the loss: ``region`` is None and
+            ``region_embedding`` holds the region head's L2-normalised bottleneck [B, N, bottleneck];
+            give ``CMDLoss(fused_chunk_size=...)`` the prototypes (``head.region_head.prototypes``),
+            and it computes logits, log-softmax, cross-entropy and bags chunk by chunk without ever
+            holding the [B * N, K] logits. An attribute: an EMA teacher copied from such a student can
+            be switched back (``teacher.head.region_output = "logits"``).
 
     ``forward(tokens [B, N, D], pooled [B, D] | None = None, mask [B, N] bool | None = None)``
     returns ``CrossLevelOutput(image [B, K], region [B, N, K] | None, features = tokens [B, N, D],
@@ -115,6 +123,7 @@ class CrossLevelHead(nn.Module):
         region_head: bool = True,
         pooling_hidden_dim: int = 128,
         region_dtype: torch.dtype | None = None,
+        region_output: RegionOutput = "logits",
     ) -> None:
         super().__init__()
         if image_input not in ("pooled", "mil"):
@@ -131,12 +140,15 @@ class CrossLevelHead(nn.Module):
             raise ValueError("image_input='mil' needs a pooling (got pooling=None)")
         if region_dtype not in (None, torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"region_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {region_dtype}")
+        if region_output not in ("logits", "embedding"):
+            raise ValueError(f"region_output must be 'logits' or 'embedding', got {region_output!r}")
         if share_prototypes and not region_head:
             raise ValueError("share_prototypes=True needs region_head=True")
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.image_input = image_input
         self.region_dtype = region_dtype
+        self.region_output = region_output
         self.share_prototypes = share_prototypes
         self.pooling = pooling
         head_kwargs = dict(
@@ -160,7 +172,8 @@ class CrossLevelHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_dim={self.in_dim}, out_dim={self.out_dim}, image_input={self.image_input!r}, "
-            f"share_prototypes={self.share_prototypes}, region_dtype={self.region_dtype}"
+            f"share_prototypes={self.share_prototypes}, region_dtype={self.region_dtype}, "
+            f"region_output={self.region_output!r}"
         )
 
     def forward(
@@ -189,21 +202,28 @@ class CrossLevelHead(nn.Module):
         if self.pooling is not None:
             bag, weights = self.pooling(tokens, mask)
         image = self.image_head(pooled if self.image_input == "pooled" else bag)
-        region = self._region_logits(tokens) if self.region_head is not None else None
-        return CrossLevelOutput(image=image, region=region, features=tokens, weights=weights)
+        region = embedding = None
+        if self.region_head is not None:
+            if self.region_output == "embedding":
+                embedding = self._region_logits(tokens, self.region_head.bottleneck)
+            else:
+                region = self._region_logits(tokens, self.region_head)
+        return CrossLevelOutput(
+            image=image, region=region, features=tokens, weights=weights, region_embedding=embedding
+        )
 
-    def _region_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _region_logits(self, tokens: torch.Tensor, fn) -> torch.Tensor:
         b, n, d = tokens.shape
         flat = tokens.reshape(b * n, d)  # every region of every crop in one batched call
         dtype = self.region_dtype
         if dtype is None:
-            logits = self.region_head(flat)
+            logits = fn(flat)
         elif dtype == torch.float32:
             with torch.autocast(device_type=tokens.device.type, enabled=False):
                 param_dtype = next(self.region_head.parameters()).dtype
-                logits = self.region_head(flat.to(param_dtype))
+                logits = fn(flat.to(param_dtype))
         else:
             with torch.autocast(device_type=tokens.device.type, dtype=dtype):
-                logits = self.region_head(flat)
+                logits = fn(flat)
             logits = logits.to(dtype)  # e.g. autocast unsupported for an op on this device
         return logits.reshape(b, n, -1)

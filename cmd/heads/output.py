@@ -24,6 +24,10 @@ class CrossLevelOutput:
         features: [B, N, D] the backbone region tokens used to match student to teacher regions
             (not the head outputs), or None.
         weights: [B, N] multi-instance pooling weights (>= 0, each row sums to 1), or None.
+        region_embedding: [B, N, bottleneck] the region head's L2-normalised bottleneck features, the
+            input of its prototype layer, when the head was asked for them instead of ``region``
+            (``CrossLevelHead(region_output="embedding")``: the loss then applies the prototypes
+            itself, fused with the cross-entropy, see `cmd.losses.fused`), else None.
 
     Example:
         >>> import torch
@@ -38,6 +42,7 @@ class CrossLevelOutput:
     region: torch.Tensor | None = None
     features: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    region_embedding: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -47,7 +52,7 @@ class CrossLevelOutput:
     @property
     def num_tokens(self) -> int | None:
         """N, the number of region tokens per crop (None without region outputs)."""
-        for t in (self.region, self.features, self.weights):
+        for t in (self.region, self.features, self.weights, self.region_embedding):
             if t is not None:
                 return t.shape[1]
         return None

@@ -45,6 +45,7 @@ from cmd.losses.functional import (
     no_autocast,
     scaled_float32,
 )
+from cmd.losses.fused import fused_region_distillation
 from cmd.losses.inputs import as_output_list, check_outputs, layout_of
 from cmd.losses.region import (
     check_crop_counts,
@@ -102,6 +103,12 @@ class CMDLoss(CenteredTeacherLoss):
         image_weight, region_weight, inter_weight, cross_weight: lambda_I, lambda_R, lambda_S, lambda_X.
             A term whose weight is 0 is not computed (reported as NaN), except I.
         validate: check every input for NaN/inf and the weights for validity (synchronises).
+        fused_chunk_size: None (default): the student's ``region`` logits are used as given. An int:
+            the fused region path (`cmd.losses.fused`): the student groups carry ``region_embedding``
+            [C_s * B, N_s, d] instead of ``region`` (``CrossLevelHead(region_output="embedding")``),
+            ``forward`` gets ``prototypes=head.region_head.prototypes`` [K, d], and the prototype
+            layer, log-softmax, cross-entropy and bags run over chunks of this many crop-images,
+            never holding the student's [tokens, K] logits. Needs lambda_R > 0 and lambda_X = 0.
 
     Shapes (``forward``):
         student: a sequence of `CrossLevelOutput` groups, crop-major, the first group starting with
@@ -142,6 +149,7 @@ class CMDLoss(CenteredTeacherLoss):
         inter_weight: float = 0.1,
         cross_weight: float = 0.0,
         validate: bool = False,
+        fused_chunk_size: int | None = None,
     ) -> None:
         super().__init__(
             out_dim,
@@ -167,6 +175,15 @@ class CMDLoss(CenteredTeacherLoss):
         self.region_weight = float(region_weight)
         self.inter_weight = float(inter_weight)
         self.cross_weight = float(cross_weight)
+        if fused_chunk_size is not None:
+            if isinstance(fused_chunk_size, bool) or not isinstance(fused_chunk_size, int) or fused_chunk_size < 1:
+                raise ValueError(f"fused_chunk_size must be None or a positive int; got {fused_chunk_size!r}")
+            if self.region_weight == 0 or self.cross_weight > 0:
+                raise ValueError(
+                    "fused_chunk_size needs region_weight > 0 and cross_weight == 0; got "
+                    f"region_weight={self.region_weight}, cross_weight={self.cross_weight}"
+                )
+        self.fused_chunk_size = fused_chunk_size
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> CMDLoss:
@@ -217,13 +234,27 @@ class CMDLoss(CenteredTeacherLoss):
         epoch: int,
         *,
         update_centers: bool = True,
+        prototypes: torch.Tensor | None = None,
     ) -> CMDLossOutput:
-        """The loss and its terms; then, by default, the update of both centers."""
+        """The loss and its terms; then, by default, the update of both centers.
+
+        ``prototypes`` [K, d]: the student region head's prototypes, for the fused path only.
+        """
         student = as_output_list("student", student)
         teacher = as_output_list("teacher", teacher)
         layout = layout_of(student, teacher, self.n_global_crops, self.n_crops)
         teacher_has_weights = all(o.weights is not None for o in teacher)
         student_fields, teacher_fields = self._needed_fields(teacher_has_weights)
+        fused = self.fused_chunk_size is not None
+        if fused:
+            if prototypes is None:
+                raise ValueError("CMDLoss(fused_chunk_size=...) needs prototypes=head.region_head.prototypes [K, d]")
+            if prototypes.dim() != 2 or prototypes.shape[0] != self.out_dim:
+                raise ValueError(f"prototypes must be [K={self.out_dim}, d]; got {list(prototypes.shape)}")
+            student_fields.pop("region", None)
+            student_fields["region_embedding"] = "the fused region path (fused_chunk_size)"
+        elif prototypes is not None:
+            raise ValueError("prototypes are used by the fused path only; build CMDLoss(fused_chunk_size=...)")
         check_outputs(
             student,
             teacher,
@@ -262,7 +293,29 @@ class CMDLoss(CenteredTeacherLoss):
             region_log_probs: list[torch.Tensor] | None = None
             beta: torch.Tensor | None = None  # the teacher's bags [G * B, K]
             teacher_weights = [o.weights for o in teacher] if "weights" in teacher_fields else None
-            if self.region_weight > 0:
+            if fused:
+                ce, kl, beta = fused_region_distillation(
+                    [o.region_embedding for o in student],
+                    [o.features for o in student],
+                    [o.region for o in teacher],
+                    [o.features for o in teacher],
+                    layout,
+                    prototypes,
+                    self.region_center,
+                    tau_t,
+                    tau_s,
+                    chunk_rows=self.fused_chunk_size,
+                    student_weights=[normalised_weights(o.weights) for o in student] if need_bags else None,
+                    image_log_probs=img.log_probs if need_bags else None,
+                    teacher_weights=teacher_weights,
+                )
+                terms["region"] = ce / n_pairs
+                loss = loss + self.region_weight * terms["region"]
+                if self.inter_weight > 0:
+                    terms["inter_student"] = kl / (b * layout.n_crops)
+                    loss = loss + self.inter_weight * terms["inter_student"]
+                need_bags = False  # the bag term is done
+            elif self.region_weight > 0:
                 reg = region_distillation(
                     [o.region for o in student],
                     [o.features for o in student],
@@ -325,6 +378,7 @@ class CMDLoss(CenteredTeacherLoss):
         return (
             f"{super().extra_repr()}, crops={self.n_global_crops}+{self.n_local_crops}, "
             f"weights(I={self.image_weight}, R={self.region_weight}, S={self.inter_weight}, X={self.cross_weight})"
+            + (f", fused_chunk_size={self.fused_chunk_size}" if self.fused_chunk_size is not None else "")
         )
 
 

@@ -117,10 +117,10 @@ class _SoftCrossEntropy(torch.autograd.Function):
                 for rows, mass in ctx.mass_segments:
                     coef[start : start + rows].add_(grad_ce * mass)
                     start += rows
-            probs.mul_(coef).add_(grad_log_probs)
+            inv_tau = 1.0 / ctx.temperature
+            probs.mul_(coef.mul_(inv_tau)).add_(grad_log_probs, alpha=inv_tau)
             if grad_ce is not None:
-                probs.addcmul_(target, grad_ce, value=-1.0)
-            probs.div_(ctx.temperature)
+                probs.addcmul_(target, grad_ce, value=-inv_tau)
         return probs.to(ctx.input_dtype), None, None, None, None
 
 
@@ -193,11 +193,13 @@ class _MixtureLogProb(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         log_probs, log_w, log_b = ctx.saved_tensors
         grad = grad.to(torch.float32)
-        ratio = log_probs - log_b.unsqueeze(1)  # log(q_jk / b_k)  [R, N, K]
+        # e_jk = g_k q_jk / b_k from log(q_jk / b_k), with one exp over [R, N, K]. Where w_j > 0,
+        # q_jk / b_k <= 1 / w_j; where w_j == 0 it is bounded by exp(80) to stay finite.
+        e = torch.sub(log_probs, log_b.unsqueeze(1)).clamp_(max=_MAX_EXPONENT).exp_().mul_(grad.unsqueeze(1))
+        # d log b_k / d w_j = q_jk / b_k, also where w_j == 0.
+        grad_w = e.sum(dim=-1)
         # d log b_k / d log q_jk = w_j q_jk / b_k, the responsibility of instance j: in [0, 1].
-        grad_log_probs = torch.add(ratio, log_w.unsqueeze(-1)).exp_().mul_(grad.unsqueeze(1))
-        # d log b_k / d w_j = q_jk / b_k, also where w_j == 0 (bounded by exp(80) to stay finite).
-        grad_w = ratio.clamp_(max=_MAX_EXPONENT).exp_().mul_(grad.unsqueeze(1)).sum(dim=-1)
+        grad_log_probs = e.mul_(log_w.exp().unsqueeze(-1))
         return grad_log_probs, grad_w.to(ctx.weights_dtype)
 
 

@@ -153,3 +153,14 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert "stopped at step" in out
     ckpt = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert 0 < ckpt["step"] < 50 * 4
+
+
+@pytest.mark.parametrize("preset", ["dino", "esvit"])
+def test_other_presets_run_and_log_strict_json(pretrain, tmp_path, preset):
+    pretrain.main([*SMALL, "--epochs", "1", "--no_knn", "--loss", preset, "--output_dir", str(tmp_path)])
+
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    (record,) = [json.loads(line, parse_constant=reject) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "image" in record and ("region" in record) == (preset == "esvit")

@@ -1,0 +1,304 @@
+"""The student's region prototype layer fused with its log-softmax, cross-entropy and bag, in chunks.
+
+The straightforward region level holds, for all ``T`` student region tokens at once, the logits
+``x = z P^T`` [T, K] (``z`` the region head's L2-normalised bottleneck [T, d], ``P`` its prototypes
+[K, d]), their float32 log-softmax, the aggregated targets and, for autograd, copies of several of
+these: with K = 65536 that is gigabytes of memory traffic per step. Here the prototype layer is
+applied inside the loss, one chunk of student crops-of-images at a time (the technique of
+Liger-Kernel's fused linear cross-entropy and of Cut Cross-Entropy, Wijmans et al. 2024, written from
+the equations below):
+
+- per chunk of ``r`` rows (a row: one crop of one image, a bag of its N region tokens):
+  ``x = z P^T / tau_s``, ``log q = log_softmax(x)`` (float32), the aggregated matched target
+  ``T_j = sum_{g != v} Q_{g, m_g(j)}`` gathered from the teacher's probabilities, the summed
+  cross-entropy ``-sum_jk T_jk log q_jk``, and with weights the bag ``log b = logsumexp_j(log w_j +
+  log q_j)`` and ``KL(b || p)`` against the image log-probabilities ``log p`` of the same crop;
+- nothing of size [chunk, K] survives the chunk; backward recomputes ``x`` per chunk and forms
+  ``dL/dx`` directly:
+
+  ``dCE/dx = (m q - T) / tau`` (m the target mass of the token, G - 1 or G);
+  ``dKL/dlog q_jk = w_j q_jk a_k`` with ``a_k = log b_k - log p_k + 1``, ``dKL/dw_j = sum_k q_jk a_k``,
+  ``dKL/dlog p_k = -b_k``; through the log-softmax ``dx = (g - q rowsum(g)) / tau``;
+  then ``dz = dx P`` and ``dP += dx^T z``.
+
+Peak memory of the student's region level is then a few [chunk tokens, K] buffers instead of a few
+[T, K] ones, at the price of the chunk's matrix product once more in backward (2 T d K FLOPs).
+
+Example:
+    >>> import torch
+    >>> z = torch.nn.functional.normalize(torch.randn(4, 3, 8), dim=-1).requires_grad_()
+    >>> protos = torch.randn(16, 8, requires_grad=True)
+    >>> teacher_probs = torch.softmax(torch.randn(5, 16), -1)
+    >>> index, valid = torch.randint(0, 5, (12, 2)), torch.ones(12, 2)
+    >>> ce, kl = fused_prototype_cross_entropy(z, protos, teacher_probs, index, valid, 0.1, chunk_rows=2)
+    >>> x = (z.reshape(12, 8) @ protos.T) / 0.1
+    >>> target = teacher_probs[index].sum(1)
+    >>> bool(torch.allclose(ce, -(target * torch.log_softmax(x, -1)).sum(), rtol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fused_prototype_cross_entropy", "fused_region_distillation", "matched_target_index"]
+
+
+def matched_target_index(
+    matches: torch.Tensor, teacher_row_start: torch.Tensor, teacher_tokens: torch.Tensor, first_crop: int, n_global: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the teacher's flat region probabilities that make each student token's aggregated target.
+
+    Args:
+        matches: [C, B, N, G] long, ``m_g(j)`` for every student region of C crops (from ``match_regions``).
+        teacher_row_start: [G] long, the first row of teacher crop g in the flat [M, K] probabilities.
+        teacher_tokens: [G] long, N_g.
+        first_crop: index (among all V student crops) of this group's first crop.
+        n_global: G.
+
+    Returns:
+        ``(index [C * B * N, G] long, valid [C * B * N, G] float32)``: the target of student token
+        ``((c * B + b) * N + j)`` is ``sum_g valid * Q[index]``; ``valid`` is 0 exactly where ``g`` is
+        the student crop's own view.
+    """
+    c, b, n, g = matches.shape
+    images = torch.arange(b, device=matches.device).view(1, b, 1, 1)
+    index = teacher_row_start.view(1, 1, 1, g) + images * teacher_tokens.view(1, 1, 1, g) + matches
+    crop = torch.arange(first_crop, first_crop + c, device=matches.device).view(c, 1, 1, 1)
+    teacher = torch.arange(g, device=matches.device).view(1, 1, 1, g)
+    valid = (crop != teacher).to(torch.float32).expand(c, b, n, g)
+    del n_global  # the own view is recognised by index, whatever G is
+    return index.reshape(-1, g), valid.reshape(-1, g)
+
+
+def _chunk_log_probs(z: torch.Tensor, protos: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(z P^T / tau)`` in float32; the product runs in ``z``'s dtype (bf16 under autocast)."""
+    logits = torch.mm(z, protos.to(z.dtype).t())
+    return torch.log_softmax(logits.to(torch.float32).div_(temperature), dim=-1)
+
+
+class _FusedPrototypeCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, embedding, protos, teacher_probs, index, valid, weights, image_log_probs, temperature, chunk_rows):  # noqa: D102
+        r, n, d = embedding.shape
+        flat = embedding.reshape(r * n, d)
+        ce = torch.zeros((), device=embedding.device, dtype=torch.float32)
+        kl = torch.zeros((), device=embedding.device, dtype=torch.float32)
+        log_w = weights.to(torch.float32).log() if weights is not None else None
+        log_bags = torch.empty(r, protos.shape[0], device=embedding.device) if weights is not None else None
+        for r0 in range(0, r, chunk_rows):
+            r1 = min(r, r0 + chunk_rows)
+            log_q = _chunk_log_probs(flat[r0 * n : r1 * n], protos, temperature)  # [rows * N, K]
+            target = F.embedding_bag(index[r0 * n : r1 * n], teacher_probs, mode="sum",
+                                     per_sample_weights=valid[r0 * n : r1 * n])
+            ce = ce - torch.dot(target.reshape(-1), log_q.reshape(-1))
+            del target
+            if log_w is not None:
+                log_b = _bag_log_prob(log_q.view(r1 - r0, n, -1), log_w[r0:r1])
+                log_bags[r0:r1] = log_b  # [rows, K]: one per bag, small next to the [tokens, K] logits
+                kl = kl + (log_b.exp() * (log_b - image_log_probs[r0:r1])).sum()
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        ctx.weights_dtype = weights.dtype if weights is not None else None
+        ctx.save_for_backward(embedding, protos, teacher_probs, index, valid, log_w, image_log_probs, log_bags)
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):  # noqa: D102
+        embedding, protos, teacher_probs, index, valid, log_w, image_log_probs, log_bags = ctx.saved_tensors
+        tau, chunk_rows = ctx.temperature, ctx.chunk_rows
+        r, n, d = embedding.shape
+        flat = embedding.reshape(r * n, d)
+        grad_z = torch.empty_like(flat)
+        grad_p = torch.zeros(protos.shape, device=protos.device, dtype=torch.float32)
+        grad_w = torch.zeros_like(log_w) if log_w is not None else None
+        grad_log_p = torch.zeros_like(image_log_probs) if image_log_probs is not None else None
+        mass = valid.sum(dim=-1, keepdim=True)  # [T, 1] target mass of each token: G - 1 or G
+        gce = grad_ce if grad_ce is not None else torch.zeros((), device=flat.device)
+        use_kl = log_w is not None and grad_kl is not None
+        for r0 in range(0, r, chunk_rows):
+            r1 = min(r, r0 + chunk_rows)
+            t0, t1 = r0 * n, r1 * n
+            z = flat[t0:t1]
+            q = _chunk_log_probs(z, protos, tau).exp_()  # [rows * N, K]
+            target = F.embedding_bag(index[t0:t1], teacher_probs, mode="sum", per_sample_weights=valid[t0:t1])
+            # dCE/dx * tau = m q - T (the cross-entropy part, already through the log-softmax)
+            grad_x = torch.addcmul(-target, q, mass[t0:t1])
+            grad_x.mul_(gce)
+            del target
+            if use_kl:
+                rows, k = r1 - r0, q.shape[-1]
+                q3 = q.view(rows, n, k)
+                log_b = log_bags[r0:r1]
+                a = (log_b - image_log_probs[r0:r1]).add_(1.0)  # [rows, K]
+                qa = q3 * a.unsqueeze(1)  # q_jk a_k
+                grad_w[r0:r1] = grad_kl * qa.sum(dim=-1)
+                grad_log_p[r0:r1] = -grad_kl * log_b.exp()
+                g_lq = qa.mul_(log_w[r0:r1].exp().unsqueeze(-1)).mul_(grad_kl)  # w_j q_jk a_k
+                # through the log-softmax: g - q * rowsum(g)
+                g_lq.sub_(q3 * g_lq.sum(dim=-1, keepdim=True))
+                grad_x.add_(g_lq.view(rows * n, k))
+                del q3, a, qa, g_lq
+            grad_x.div_(tau)
+            grad_z[t0:t1] = torch.mm(grad_x.to(z.dtype), protos.to(z.dtype)).to(grad_z.dtype)
+            if z.dtype == torch.float32:
+                grad_p.addmm_(grad_x.t(), z)
+            else:  # bf16 / fp16 product, float32 accumulation across chunks
+                grad_p.add_(torch.mm(grad_x.t().to(z.dtype), z))
+            del q, grad_x
+        return (
+            grad_z.view(r, n, d),
+            grad_p.to(protos.dtype),
+            None,
+            None,
+            None,
+            grad_w.to(ctx.weights_dtype) if grad_w is not None else None,
+            grad_log_p,
+            None,
+            None,
+        )
+
+
+def _bag_log_prob(log_q: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+    """``log b = logsumexp_j(log w_j + log q_j)`` [R, K] from [R, N, K] and [R, N] (finite: empty bag -> float32 min)."""
+    log_b = torch.logsumexp(log_q + log_w.unsqueeze(-1), dim=1)
+    return log_b.clamp_(min=torch.finfo(torch.float32).min)
+
+
+def fused_prototype_cross_entropy(
+    embedding: torch.Tensor,
+    prototypes: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    target_index: torch.Tensor,
+    target_valid: torch.Tensor,
+    temperature: float,
+    *,
+    weights: torch.Tensor | None = None,
+    image_log_probs: torch.Tensor | None = None,
+    chunk_rows: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's region cross-entropy (and bag KL) with the prototype layer applied chunk by chunk.
+
+    Equals, without materialising the [R * N, K] logits, ``x = (embedding @ prototypes^T) / tau``,
+    ``log q = log_softmax(x)`` and
+
+    - ``ce = -sum_{t, k} T_tk log q_tk`` with ``T_t = sum_g valid_tg Q[index_tg]``;
+    - ``kl = sum_r KL(b_r || p_r)``, ``log b_r = logsumexp_j(log w_rj + log q_rj)`` (0 without weights).
+
+    Args:
+        embedding: [R, N, d] the student's L2-normalised region bottleneck (``region_embedding``);
+            R = crops x images, each row a bag of N tokens.
+        prototypes: [K, d] the region head's effective last-layer weight (``head.region_head.prototypes``).
+        teacher_probs: [M, K] float32 teacher region probabilities (no gradient).
+        target_index, target_valid: [R * N, G] from `matched_target_index`.
+        temperature: tau_s.
+        weights: [R, N] normalised multi-instance weights (rows sum to 1), or None (no bag term).
+        image_log_probs: [R, K] float32 student image log-probabilities of the same rows (with ``weights``).
+        chunk_rows: rows (crop-images, whole bags) per chunk; peak extra memory ~ a few
+            ``chunk_rows * N * K`` float32 buffers.
+
+    Returns:
+        ``(ce, kl)``: 0-dim float32 sums; gradients reach ``embedding``, ``prototypes``, ``weights``
+        and ``image_log_probs``.
+    """
+    if embedding.dim() != 3:
+        raise ValueError(f"embedding must be [R, N, d]; got {list(embedding.shape)}")
+    r, n, d = embedding.shape
+    if prototypes.dim() != 2 or prototypes.shape[1] != d:
+        raise ValueError(f"prototypes must be [K, d={d}]; got {list(prototypes.shape)}")
+    k = prototypes.shape[0]
+    if teacher_probs.dim() != 2 or teacher_probs.shape[1] != k or teacher_probs.dtype != torch.float32:
+        raise ValueError(f"teacher_probs must be float32 [M, K={k}]; got {teacher_probs.dtype} {list(teacher_probs.shape)}")
+    if target_index.shape != target_valid.shape or target_index.dim() != 2 or target_index.shape[0] != r * n:
+        raise ValueError(
+            f"target_index and target_valid must both be [R * N = {r * n}, G]; got {list(target_index.shape)} "
+            f"and {list(target_valid.shape)}"
+        )
+    if (weights is None) != (image_log_probs is None):
+        raise ValueError("weights and image_log_probs go together (the bag term needs both)")
+    if weights is not None and (weights.shape != (r, n) or image_log_probs.shape != (r, k)):
+        raise ValueError(
+            f"weights must be [R, N] = {[r, n]} and image_log_probs [R, K] = {[r, k]}; got "
+            f"{list(weights.shape)} and {list(image_log_probs.shape)}"
+        )
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int; got {chunk_rows!r}")
+    return _FusedPrototypeCrossEntropy.apply(
+        embedding, prototypes, teacher_probs.detach(), target_index, target_valid.to(torch.float32),
+        weights, image_log_probs, float(temperature), chunk_rows,
+    )
+
+
+def fused_region_distillation(
+    student_embeddings: list[torch.Tensor],
+    student_features: list[torch.Tensor],
+    teacher_regions: list[torch.Tensor],
+    teacher_features: list[torch.Tensor],
+    layout,
+    prototypes: torch.Tensor,
+    region_center: torch.Tensor,
+    teacher_temp: float,
+    student_temp: float,
+    *,
+    chunk_rows: int,
+    student_weights: list[torch.Tensor] | None = None,
+    image_log_probs: torch.Tensor | None = None,
+    teacher_weights: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``sum_{g, v != g} R(g, v)`` and ``sum_rows KL(b || p)`` with the student's prototype layer fused in.
+
+    The teacher side is as in `cmd.losses.region.region_distillation` (its region logits, centered
+    probabilities, argmax matching on backbone tokens); the student side goes through
+    `fused_prototype_cross_entropy`, one call per student group.
+
+    Args:
+        student_embeddings: per student group [C_s * B, N_s, d] (``region_embedding``).
+        student_features, teacher_regions, teacher_features, layout, region_center, teacher_temp,
+            student_temp: as in `region_distillation`.
+        prototypes: [K, d] the student region head's prototypes.
+        chunk_rows: crop-images per chunk.
+        student_weights: per student group [C_s * B, N_s] normalised weights (the bag term), or None.
+        image_log_probs: [V * B, K] the student's image log-probabilities (with ``student_weights``).
+        teacher_weights: per teacher group, for the teacher's bags (the ``inter_teacher`` diagnostic).
+
+    Returns:
+        ``(region_ce_sum, kl_sum, teacher_bags)``: ``region_ce_sum`` is ``sum over pairs of R(g, v)``
+        (divide by the pair count), ``kl_sum`` the bag KL summed over all V * B student rows.
+    """
+    from cmd.losses.functional import match_regions, teacher_match_tokens
+    from cmd.losses.region import teacher_region_bags, teacher_region_probs
+
+    b = layout.batch_size
+    device = student_embeddings[0].device
+    probs, views = teacher_region_probs(teacher_regions, region_center, teacher_temp)
+    bags = teacher_region_bags(views, teacher_weights) if teacher_weights is not None else None
+    starts, tokens, row = [], [], 0
+    for r, g_t in zip(teacher_regions, layout.teacher_crops):
+        n_t = r.shape[1]
+        starts.append(torch.arange(g_t, device=device) * (b * n_t) + row)
+        tokens.append(torch.full((g_t,), n_t, device=device, dtype=torch.long))
+        row += g_t * b * n_t
+    teacher_row_start, teacher_tokens = torch.cat(starts), torch.cat(tokens)
+    teacher_units = [teacher_match_tokens(tf, b) for tf in teacher_features]
+
+    ce_total = torch.zeros((), device=device)
+    kl_total = torch.zeros((), device=device)
+    row0 = 0
+    for s, (emb, features) in enumerate(zip(student_embeddings, student_features)):
+        matches = torch.cat(
+            [match_regions(features, tf, b, teacher_tokens=u) for tf, u in zip(teacher_features, teacher_units)],
+            dim=-1,
+        )  # [C, B, N_s, G]
+        index, valid = matched_target_index(
+            matches, teacher_row_start, teacher_tokens, layout.first_student_crop(s), layout.n_global
+        )
+        rows = emb.shape[0]
+        w = student_weights[s] if student_weights is not None else None
+        lp = image_log_probs[row0 : row0 + rows] if w is not None else None
+        ce, kl = fused_prototype_cross_entropy(
+            emb, prototypes, probs, index, valid, student_temp, weights=w, image_log_probs=lp, chunk_rows=chunk_rows
+        )
+        ce_total = ce_total + ce / (b * emb.shape[1])
+        kl_total = kl_total + kl
+        row0 += rows
+    return ce_total, kl_total, bags

@@ -1,0 +1,174 @@
+"""The fused region path (prototype layer + log-softmax + cross-entropy + bag, in chunks) against the plain one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmd.heads import CrossLevelHead
+from cmd.heads.output import CrossLevelOutput
+from cmd.losses import CMDLoss
+from cmd.losses.fused import fused_prototype_cross_entropy, matched_target_index
+
+
+def _plain_terms(z, protos, teacher_probs, index, valid, tau, weights, image_log_probs):
+    """Straightforward reference: full logits, explicit target sums, per-row loop for the bags."""
+    r, n, d = z.shape
+    log_q = torch.log_softmax(z.reshape(r * n, d) @ protos.T / tau, dim=-1)
+    target = torch.zeros_like(log_q)
+    for g in range(index.shape[1]):
+        target = target + valid[:, g : g + 1] * teacher_probs[index[:, g]]
+    ce = -(target * log_q).sum()
+    kl = torch.zeros(())
+    for row in range(r):
+        b = (weights[row].unsqueeze(-1) * log_q.view(r, n, -1)[row].exp()).sum(0)
+        kl = kl + (b * (b.log() - image_log_probs[row])).sum()
+    return ce, kl
+
+
+def _inputs(r=5, n=3, d=8, k=32, m=7, g=2, seed=0, zero_weight=False):
+    gen = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(r, n, d, generator=gen), dim=-1, eps=1e-6).requires_grad_()
+    protos = torch.randn(k, d, generator=gen).requires_grad_()
+    teacher_probs = torch.softmax(3 * torch.randn(m, k, generator=gen), -1)
+    index = torch.randint(0, m, (r * n, g), generator=gen)
+    valid = (torch.rand(r * n, g, generator=gen) > 0.3).float()
+    w = torch.softmax(torch.randn(r, n, generator=gen), -1)
+    if zero_weight:
+        w = w.clone()
+        w[0, 0] = 0.0
+        w = w / w.sum(-1, keepdim=True)
+    weights = w.requires_grad_()
+    image_log_probs = torch.log_softmax(torch.randn(r, k, generator=gen), -1).requires_grad_()
+    return z, protos, teacher_probs, index, valid, weights, image_log_probs
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 5, 64])
+@pytest.mark.parametrize("zero_weight", [False, True])
+def test_fused_function_matches_plain_values_and_gradients(chunk_rows, zero_weight):
+    z, protos, tp, index, valid, w, lp = _inputs(zero_weight=zero_weight)
+    ce, kl = fused_prototype_cross_entropy(z, protos, tp, index, valid, 0.1, weights=w, image_log_probs=lp,
+                                           chunk_rows=chunk_rows)
+    ce_ref, kl_ref = _plain_terms(z, protos, tp, index, valid, 0.1, w, lp)
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-5)
+    inputs = (z, protos, w, lp)
+    grads = torch.autograd.grad(0.7 * ce + 1.3 * kl, inputs)
+    grads_ref = torch.autograd.grad(0.7 * ce_ref + 1.3 * kl_ref, inputs)
+    for name, a, b in zip(("embedding", "prototypes", "weights", "image_log_probs"), grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_fused_function_without_bags_and_with_one_output_used():
+    z, protos, tp, index, valid, *_ = _inputs(seed=1)
+    ce, kl = fused_prototype_cross_entropy(z, protos, tp, index, valid, 0.2, chunk_rows=2)
+    assert float(kl.detach()) == 0.0
+    ce_ref = -(
+        (valid.unsqueeze(-1) * tp[index]).sum(1) * torch.log_softmax(z.reshape(15, 8) @ protos.T / 0.2, -1)
+    ).sum()
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-5, atol=1e-4)
+    (gz,) = torch.autograd.grad(ce, z)
+    (gz_ref,) = torch.autograd.grad(ce_ref, z)
+    torch.testing.assert_close(gz, gz_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_function_is_finite_for_large_logits_and_bf16_embeddings():
+    z, protos, tp, index, valid, w, lp = _inputs(seed=2)
+    big = (protos.detach() * 1e3).requires_grad_()  # logits of magnitude ~1e4 at tau 0.1
+    z16 = z.detach().to(torch.bfloat16).requires_grad_()
+    ce, kl = fused_prototype_cross_entropy(z16, big, tp, index, valid, 0.1, weights=w, image_log_probs=lp, chunk_rows=2)
+    (ce + kl).backward()
+    assert torch.isfinite(ce) and torch.isfinite(kl)
+    assert z16.grad.dtype == torch.bfloat16 and torch.isfinite(z16.grad.float()).all()
+    assert torch.isfinite(big.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_matched_target_index_drops_own_view_only():
+    c, b, n, g = 3, 2, 2, 2
+    matches = torch.randint(0, 4, (c, b, n, g))
+    index, valid = matched_target_index(matches, torch.tensor([0, 8]), torch.tensor([4, 4]), first_crop=0, n_global=g)
+    assert index.shape == valid.shape == (c * b * n, g)
+    v = valid.view(c, b, n, g)
+    for crop in range(c):
+        for teacher in range(g):
+            assert bool((v[crop, ..., teacher] == float(crop != teacher)).all())
+    i = index.view(c, b, n, g)
+    assert int(i[2, 1, 0, 1]) == 8 + 1 * 4 + int(matches[2, 1, 0, 1])
+
+
+def test_fused_function_errors_name_the_argument():
+    z, protos, tp, index, valid, w, lp = _inputs()
+    with pytest.raises(ValueError, match="prototypes must be"):
+        fused_prototype_cross_entropy(z, protos[:, :4], tp, index, valid, 0.1)
+    with pytest.raises(ValueError, match="go together"):
+        fused_prototype_cross_entropy(z, protos, tp, index, valid, 0.1, weights=w)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        fused_prototype_cross_entropy(z, protos, tp, index, valid, 0.1, chunk_rows=0)
+
+
+# ----------------------------------------------------------------------------- CMDLoss: fused against plain
+def _head_outputs(head, token_groups, tokens_per_group, gen):
+    outs = []
+    for rows, n in zip(token_groups, tokens_per_group):
+        tokens = torch.randn(rows, n, head.in_dim, generator=gen)
+        outs.append(head(tokens, pooled=tokens.mean(1)))
+    return outs
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_cmd_loss_fused_equals_plain_loss_values_and_gradients(chunk):
+    torch.manual_seed(0)
+    b, k, d = 3, 24, 10
+    plain_head = CrossLevelHead(d, out_dim=k, hidden_dim=16, bottleneck_dim=6)
+    fused_head = CrossLevelHead(d, out_dim=k, hidden_dim=16, bottleneck_dim=6, region_output="embedding")
+    fused_head.load_state_dict(plain_head.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    student_tokens = [torch.randn(2 * b, 4, d, generator=gen), torch.randn(3 * b, 2, d, generator=gen)]
+    teacher_tokens = torch.randn(2 * b, 4, d, generator=gen)
+    with torch.no_grad():
+        teacher = [plain_head(teacher_tokens * 0.5, pooled=teacher_tokens.mean(1))]
+    results = {}
+    for name, head in (("plain", plain_head), ("fused", fused_head)):
+        loss_fn = CMDLoss.from_preset("cmd", out_dim=k, n_local_crops=3, fused_chunk_size=chunk if name == "fused" else None)
+        student = [head(t, pooled=t.mean(1)) for t in student_tokens]
+        protos = head.region_head.prototypes if name == "fused" else None
+        out = loss_fn(student, teacher, epoch=3, prototypes=protos)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
+        results[name] = (out, grads, loss_fn.region_center.clone())
+    (p_out, p_grads, p_center), (f_out, f_grads, f_center) = results["plain"], results["fused"]
+    torch.testing.assert_close(f_out.loss, p_out.loss, rtol=1e-5, atol=1e-6)
+    for term in ("image", "region", "inter_student", "inter_teacher"):
+        torch.testing.assert_close(f_out.terms[term], p_out.terms[term], rtol=1e-5, atol=1e-6, msg=term)
+    assert set(f_grads) == set(p_grads) and any("pooling" in n for n in f_grads)
+    for n in p_grads:
+        torch.testing.assert_close(f_grads[n], p_grads[n], rtol=1e-4, atol=1e-6, msg=f"gradient of {n}")
+    torch.testing.assert_close(f_center, p_center)
+
+
+def test_embedding_head_output_reproduces_region_logits():
+    head = CrossLevelHead(8, out_dim=12, hidden_dim=16, bottleneck_dim=4)
+    tokens = torch.randn(2, 3, 8)
+    logits = head(tokens, pooled=tokens.mean(1)).region
+    head.region_output = "embedding"
+    out = head(tokens, pooled=tokens.mean(1))
+    assert out.region is None and out.region_embedding.shape == (2, 3, 4) and out.num_tokens == 3
+    torch.testing.assert_close(out.region_embedding @ head.region_head.prototypes.T, logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="region_output"):
+        CrossLevelHead(8, out_dim=12, region_output="probs")
+
+
+def test_cmd_loss_fused_errors():
+    with pytest.raises(ValueError, match="cross_weight"):
+        CMDLoss(8, 2, 1, cross_weight=0.5, fused_chunk_size=4)
+    with pytest.raises(ValueError, match="fused_chunk_size"):
+        CMDLoss(8, 2, 1, fused_chunk_size=0)
+    loss_fn = CMDLoss(8, 2, 1, fused_chunk_size=4)
+    s = [CrossLevelOutput(torch.randn(3, 8), None, torch.randn(3, 2, 5), torch.full((3, 2), 0.5), torch.randn(3, 2, 4))]
+    t = [CrossLevelOutput(torch.randn(2, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 5), torch.full((2, 2), 0.5))]
+    with pytest.raises(ValueError, match="needs prototypes"):
+        loss_fn(s, t, epoch=0)
+    assert torch.isfinite(loss_fn(s, t, epoch=0, prototypes=torch.randn(8, 4)).loss)
+    with pytest.raises(ValueError, match="fused path only"):
+        CMDLoss(8, 2, 1)(s, t, epoch=0, prototypes=torch.randn(8, 4))

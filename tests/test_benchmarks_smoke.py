@@ -1,0 +1,56 @@
+"""Smoke runs of the benchmark scripts at their tiny settings: they run and write their JSON (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_bench_train_step_smoke(tmp_path):
+    out = tmp_path / "train_step.json"
+    result = _run("bench_train_step.py", "--smoke", "--out", str(out))
+    data = json.loads(out.read_text())
+    names = {r["contender"] for r in data["results"]}
+    assert {"backbone", "cmd", "cmd-fused", "loop"} <= names
+    assert all(r["step_ms"] > 0 and r["peak_mib"] > 0 for r in data["results"])
+    assert "cmd / loop" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_losses_smoke(tmp_path):
+    out = tmp_path / "losses.json"
+    _run("bench_losses.py", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--threads", "1",
+         "--logit-scales", "0.3", "--out", str(out))
+    assert {r["preset"] for r in json.loads(out.read_text())["results"]} == {"esvit", "cmd"}
+
+
+@pytest.mark.slow
+def test_bench_knn_smoke(tmp_path):
+    out = tmp_path / "knn.json"
+    _run("bench_knn.py", "--small", "--repeats", "1", "--out", str(out))
+    assert out.exists()
+
+
+@pytest.mark.slow
+def test_bench_backbone_multicrop_smoke(tmp_path):
+    out = tmp_path / "multicrop.json"
+    _run("bench_backbone_multicrop.py", "--models", "vit_tiny", "--batch", "1", "--repeats", "1", "--warmup", "0",
+         "--n-local", "1", "--out", str(out))
+    assert out.exists()
