@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_steps", type=int, default=0,
                    help="stop this run after N steps (saving a checkpoint), as an interruption would; 0: off")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbones and heads")
+    g.add_argument("--fused_region_chunk", type=int, default=0,
+                   help="fuse the region prototype layer with the loss in chunks of N crops-of-images "
+                        "(never materialises [tokens, K] student logits; saves memory); 0: off")
     g.add_argument("--viz", action="store_true", help="save training curves and region-weight overlays at the end")
     g.add_argument("--no_progress", action="store_true")
     return p
@@ -228,6 +231,7 @@ def build_network(args: argparse.Namespace, *, verbose: bool = False) -> cmd.CMD
         norm_last_layer=args.norm_last_layer,
         share_prototypes=args.share_prototypes,
         region_head=args.loss != "dino",
+        region_output="embedding" if getattr(args, "fused_region_chunk", 0) else "logits",
     )
     return cmd.CMDNetwork(backbone, head)
 
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
     student = build_network(args, verbose=rank == 0).to(device)
     ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps)
     teacher = ema.teacher
+    if args.fused_region_chunk:
+        teacher.head.region_output = "logits"  # the teacher's region logits are targets: plain path
     student_ddp: nn.Module = student
     if dist.is_dist():
         student_ddp = nn.parallel.DistributedDataParallel(
@@ -341,10 +347,13 @@ def main(argv: list[str] | None = None) -> dict:
         n_epochs=args.epochs,
         student_temp=args.student_temp,
         center_momentum=args.center_momentum,
+        fused_chunk_size=args.fused_region_chunk or None,
         **overrides,
     ).to(device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay), fused=fused or None)
+    try:  # the fused AdamW kernel (CUDA; CPU since torch 2.4) is several times faster than the loop
+        optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay))
     lr_schedule = cmd.cosine_schedule(
         cmd.scale_lr(args.lr, args.batch_size_per_gpu * world), args.min_lr, args.epochs, iters_per_epoch,
         warmup_epochs=min(args.warmup_epochs, args.epochs),
@@ -414,7 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
                     with torch.no_grad():
                         teacher_out = teacher_fwd(crops[:2])
                     student_out = student_fwd(crops)
-                    out = criterion(student_out, teacher_out, epoch)
+                    extra = {"prototypes": student.head.region_head.prototypes} if args.fused_region_chunk else {}
+                    out = criterion(student_out, teacher_out, epoch, **extra)
                 optimizer.zero_grad(set_to_none=True)
                 precision.backward(out.loss)
                 if args.clip_grad > 0:

@@ -164,3 +164,14 @@ def test_other_presets_run_and_log_strict_json(pretrain, tmp_path, preset):
 
     (record,) = [json.loads(line, parse_constant=reject) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert "image" in record and ("region" in record) == (preset == "esvit")
+
+
+@pytest.mark.slow
+def test_fused_region_path_matches_plain_path(pretrain, tmp_path):
+    common = [*SMALL, "--epochs", "1", "--no_knn"]
+    plain = pretrain.main([*common, "--output_dir", str(tmp_path / "plain")])
+    fused = pretrain.main([*common, "--output_dir", str(tmp_path / "fused"), "--fused_region_chunk", "4"])
+    assert fused["loss"] == pytest.approx(plain["loss"], rel=1e-4)
+    a, b = _teacher_state(tmp_path / "plain"), _teacher_state(tmp_path / "fused")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
