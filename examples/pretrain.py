@@ -159,25 +159,47 @@ class SeededMultiCrop(Dataset):
 
     The augmentation of an image then depends neither on the worker that loads it nor on what
     was loaded before, so a run resumed from a checkpoint (even mid-epoch) sees exactly the crops
-    the uninterrupted run would have seen.
+    the uninterrupted run would have seen. Keys are ``(epoch, index)`` pairs (from
+    `EpochIndexSampler`), so persistent data-loading workers need no per-epoch state.
     """
 
     def __init__(self, dataset: Dataset, transform, seed: int):
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
         item = self.dataset[index]
         image, label = item[0], item[1]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
             crops = self.transform(image)
         return crops, label
+
+
+class EpochIndexSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` from a `DistributedSampler`, optionally skipping the first indices.
+
+    ``set_epoch(epoch, skip)`` reshuffles (the order depends only on the seed and the epoch) and
+    skips the ``skip`` indices a resumed run has already trained on in that epoch.
+    """
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        for i, index in enumerate(self.sampler):
+            if i >= self.skip:
+                yield self.epoch, index
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
 
 
 def build_data(args, split: str, transform):
@@ -193,21 +215,6 @@ def build_data(args, split: str, transform):
     if args.data_path is None:
         raise SystemExit(f"--data_path is required for --dataset {args.dataset}")
     return cmd.build_dataset(args.dataset, args.data_path, split, transform)
-
-
-class _SkipFirst(torch.utils.data.Sampler):
-    """Yields a sampler's indices after skipping the first ``skip`` of them (mid-epoch resume)."""
-
-    def __init__(self, sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        for i, index in enumerate(self.sampler):
-            if i >= self.skip:
-                yield index
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
 
 
 # -------------------------------------------------------------------------------------- network
@@ -289,7 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     train_set = SeededMultiCrop(build_data(args, "train", None), augmentation, args.seed)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader_kwargs = dict(
+    epoch_sampler = EpochIndexSampler(sampler)
+    loader = DataLoader(
+        train_set,
+        sampler=epoch_sampler,
         batch_size=args.batch_size_per_gpu,
         num_workers=args.num_workers,
         collate_fn=cmd.multicrop_collate,
@@ -404,11 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     logged_terms = ["loss", *active, "inter_teacher", "teacher_entropy", "teacher_student_kl"]
     try:
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)
             done_in_epoch = step - epoch * iters_per_epoch
-            batch_sampler_src = _SkipFirst(sampler, done_in_epoch * args.batch_size_per_gpu) if done_in_epoch else sampler
-            loader = DataLoader(train_set, sampler=batch_sampler_src, **loader_kwargs)
+            epoch_sampler.set_epoch(epoch, skip=done_in_epoch * args.batch_size_per_gpu)
             student.train()
             t0 = time.perf_counter()
             if device.type == "cuda":

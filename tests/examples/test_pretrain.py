@@ -63,9 +63,12 @@ def test_default_run_reduced(pretrain, tmp_path):
 def test_resume_equals_uninterrupted(pretrain, tmp_path):
     common = [*SMALL, "--epochs", "2", "--no_knn"]
     pretrain.main([*common, "--output_dir", str(tmp_path / "full")])
-    first = pretrain.main([*common, "--output_dir", str(tmp_path / "resumed"), "--max_steps", "3"])
+    # the interrupted and resumed runs load data with 2 worker processes: augmentations are seeded
+    # per (epoch, image), so the workers change nothing
+    workers = ["--num_workers", "2"]
+    first = pretrain.main([*common, *workers, "--output_dir", str(tmp_path / "resumed"), "--max_steps", "3"])
     assert first["interrupted"] and first["step"] == 3  # mid-epoch (4 steps per epoch)
-    second = pretrain.main([*common, "--output_dir", str(tmp_path / "resumed")])
+    second = pretrain.main([*common, *workers, "--output_dir", str(tmp_path / "resumed")])
     assert not second["interrupted"]
     full, resumed = _teacher_state(tmp_path / "full"), _teacher_state(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
