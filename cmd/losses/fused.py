@@ -265,40 +265,28 @@ def fused_region_distillation(
         ``(region_ce_sum, kl_sum, teacher_bags)``: ``region_ce_sum`` is ``sum over pairs of R(g, v)``
         (divide by the pair count), ``kl_sum`` the bag KL summed over all V * B student rows.
     """
-    from cmd.losses.functional import match_regions, teacher_match_tokens
-    from cmd.losses.region import teacher_region_bags, teacher_region_probs
+    from cmd.losses.region import teacher_region_targets
 
     b = layout.batch_size
     device = student_embeddings[0].device
-    probs, views = teacher_region_probs(teacher_regions, region_center, teacher_temp)
-    bags = teacher_region_bags(views, teacher_weights) if teacher_weights is not None else None
-    starts, tokens, row = [], [], 0
-    for r, g_t in zip(teacher_regions, layout.teacher_crops):
-        n_t = r.shape[1]
-        starts.append(torch.arange(g_t, device=device) * (b * n_t) + row)
-        tokens.append(torch.full((g_t,), n_t, device=device, dtype=torch.long))
-        row += g_t * b * n_t
-    teacher_row_start, teacher_tokens = torch.cat(starts), torch.cat(tokens)
-    teacher_units = [teacher_match_tokens(tf, b) for tf in teacher_features]
+    teacher = teacher_region_targets(
+        teacher_regions, teacher_features, layout, region_center, teacher_temp, teacher_weights
+    )
 
     ce_total = torch.zeros((), device=device)
     kl_total = torch.zeros((), device=device)
     row0 = 0
     for s, (emb, features) in enumerate(zip(student_embeddings, student_features)):
-        matches = torch.cat(
-            [match_regions(features, tf, b, teacher_tokens=u) for tf, u in zip(teacher_features, teacher_units)],
-            dim=-1,
-        )  # [C, B, N_s, G]
         index, valid = matched_target_index(
-            matches, teacher_row_start, teacher_tokens, layout.first_student_crop(s), layout.n_global
+            teacher.match(features), teacher.row_start, teacher.tokens, layout.first_student_crop(s), layout.n_global
         )
         rows = emb.shape[0]
         w = student_weights[s] if student_weights is not None else None
         lp = image_log_probs[row0 : row0 + rows] if w is not None else None
         ce, kl = fused_prototype_cross_entropy(
-            emb, prototypes, probs, index, valid, student_temp, weights=w, image_log_probs=lp, chunk_rows=chunk_rows
+            emb, prototypes, teacher.probs, index, valid, student_temp, weights=w, image_log_probs=lp, chunk_rows=chunk_rows
         )
         ce_total = ce_total + ce / (b * emb.shape[1])
         kl_total = kl_total + kl
         row0 += rows
-    return ce_total, kl_total, bags
+    return ce_total, kl_total, teacher.bags

@@ -93,6 +93,69 @@ def normalised_weights(weights: torch.Tensor) -> torch.Tensor:
     return w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
+@dataclass
+class TeacherRegionTargets:
+    """The teacher side of the region-level loss, computed once per step.
+
+    Attributes:
+        probs: [M, K] float32 ``Q`` of every teacher region, all teacher crops in one flat buffer
+            (M = sum_t G_t B N_t), no gradient.
+        bags: [G * B, K] ``beta_g`` when teacher weights were given, else None.
+        row_start: [G] long, the first row of teacher crop g in ``probs``.
+        tokens: [G] long, N_g.
+        features: per teacher group [G_t * B, N_t, D] backbone tokens (for matching).
+        units: per teacher group, the unit-norm tokens used by `match_regions`.
+        batch_size: B.
+    """
+
+    probs: torch.Tensor
+    bags: torch.Tensor | None
+    row_start: torch.Tensor
+    tokens: torch.Tensor
+    features: Sequence[torch.Tensor]
+    units: list[torch.Tensor]
+    batch_size: int
+
+    def match(self, student_features: torch.Tensor) -> torch.Tensor:
+        """``m_g(j)`` for one student group [C * B, N_s, D] against every teacher crop: [C, B, N_s, G]."""
+        b = self.batch_size
+        return torch.cat(
+            [match_regions(student_features, tf, b, teacher_tokens=u) for tf, u in zip(self.features, self.units)],
+            dim=-1,
+        )
+
+
+def teacher_region_targets(
+    teacher_regions: Sequence[torch.Tensor],
+    teacher_features: Sequence[torch.Tensor],
+    layout: CropLayout,
+    region_center: torch.Tensor,
+    teacher_temp: float,
+    teacher_weights: Sequence[torch.Tensor] | None = None,
+) -> TeacherRegionTargets:
+    """Centered teacher probabilities, bags, flat-buffer offsets and matching tokens (shapes checked)."""
+    b = layout.batch_size
+    device = teacher_regions[0].device
+    probs, views = teacher_region_probs(teacher_regions, region_center, teacher_temp)
+    bags = teacher_region_bags(views, teacher_weights) if teacher_weights is not None else None
+    # First row of each teacher crop in the flat buffer, and its token count (built on the device).
+    starts, tokens, row = [], [], 0
+    for r, g_t in zip(teacher_regions, layout.teacher_crops):
+        n_t = r.shape[1]
+        starts.append(torch.arange(g_t, device=device) * (b * n_t) + row)
+        tokens.append(torch.full((g_t,), n_t, device=device, dtype=torch.long))
+        row += g_t * b * n_t
+    return TeacherRegionTargets(
+        probs=probs,
+        bags=bags,
+        row_start=torch.cat(starts),
+        tokens=torch.cat(tokens),
+        features=teacher_features,
+        units=[teacher_match_tokens(tf, b) for tf in teacher_features],
+        batch_size=b,
+    )
+
+
 def region_distillation(
     student_regions: Sequence[torch.Tensor],
     student_features: Sequence[torch.Tensor],
@@ -119,28 +182,17 @@ def region_distillation(
     """
     b, k = layout.batch_size, region_center.shape[-1]
     device = student_regions[0].device
-    probs, views = teacher_region_probs(teacher_regions, region_center, teacher_temp)
-    bags = teacher_region_bags(views, teacher_weights) if teacher_weights is not None else None
-    # First row of each teacher crop in the flat buffer, and its token count (built on the device).
-    starts, tokens, row = [], [], 0
-    for r, g_t in zip(teacher_regions, layout.teacher_crops):
-        n_t = r.shape[1]
-        starts.append(torch.arange(g_t, device=device) * (b * n_t) + row)
-        tokens.append(torch.full((g_t,), n_t, device=device, dtype=torch.long))
-        row += g_t * b * n_t
-    teacher_row_start, teacher_tokens = torch.cat(starts), torch.cat(tokens)
+    teacher = teacher_region_targets(
+        teacher_regions, teacher_features, layout, region_center, teacher_temp, teacher_weights
+    )
+    bags = teacher.bags
 
     # All targets first, so that the teacher probabilities are freed before the student's log-probs exist.
     targets = []
-    teacher_units = [teacher_match_tokens(tf, b) for tf in teacher_features]
     for s, features in enumerate(student_features):
-        matches = torch.cat(
-            [match_regions(features, tf, b, teacher_tokens=u) for tf, u in zip(teacher_features, teacher_units)],
-            dim=-1,
-        )  # [C, B, N_s, G]
-        indices, offsets, mass = region_target_bags(matches, teacher_row_start, teacher_tokens, layout, s)
-        targets.append((aggregate_targets(probs, indices, offsets), mass))
-    del probs, views
+        indices, offsets, mass = region_target_bags(teacher.match(features), teacher.row_start, teacher.tokens, layout, s)
+        targets.append((aggregate_targets(teacher.probs, indices, offsets), mass))
+    del teacher
 
     total = torch.zeros((), device=device)
     log_probs: list[torch.Tensor] = []
