@@ -238,7 +238,7 @@ def build_network(args: argparse.Namespace, *, verbose: bool = False) -> cmd.CMD
         norm_last_layer=args.norm_last_layer,
         share_prototypes=args.share_prototypes,
         region_head=args.loss != "dino",
-        region_output="embedding" if getattr(args, "fused_region_chunk", 0) else "logits",
+        region_output="embedding" if args.fused_region_chunk else "logits",
     )
     return cmd.CMDNetwork(backbone, head)
 
@@ -409,6 +409,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     steps_this_run = 0
+
+    def should_stop() -> bool:
+        """A signal arrived, or this run has done its --max_steps."""
+        return stop["signal"] is not None or bool(args.max_steps and steps_this_run >= args.max_steps)
+
     summary = {}
     active = _active_terms(criterion)
     logged_terms = ["loss", *active, "inter_teacher", "teacher_entropy", "teacher_student_kl"]
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
                     _check_finite(out, step, active)
                     if progress:
                         bar.set_postfix(loss=f"{float(out.loss):.4f}")
-                if stop["signal"] is not None or (args.max_steps and steps_this_run >= args.max_steps):
+                if should_stop():
                     break
             _check_finite(out, step, active)
             # global means over all processes (one collective per epoch)
@@ -459,11 +464,11 @@ def main(argv: list[str] | None = None) -> dict:
             totals = dist.all_reduce_sum(torch.stack([sums[k] for k in names]).to(device))
             count = dist.all_reduce_sum(torch.tensor([float(n_logged)], device=device))
             sums = dict(zip(names, (totals / count.clamp_min(1)).cpu().unbind()))
-            interrupted = stop["signal"] is not None or (args.max_steps and steps_this_run >= args.max_steps)
+            interrupted = should_stop()
             epoch_done = step == (epoch + 1) * iters_per_epoch
             elapsed = time.perf_counter() - t0
             record = {
-                "epoch": epoch + 1 if epoch_done else epoch + step / iters_per_epoch - epoch,
+                "epoch": epoch + 1 if epoch_done else step / iters_per_epoch,  # fractional when interrupted
                 "step": step,
                 # terms a preset does not compute are NaN: left out of the log (strict JSON)
                 **{k: float(v) for k, v in sums.items() if k in active or k == "loss" or bool(torch.isfinite(v))},
