@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic_classes", type=int, default=10)
     g.add_argument("--synthetic_per_class", type=int, default=40)
     g.add_argument("--synthetic_image_size", type=int, default=64)
+    g.add_argument("--synthetic_difficulty", default="hard", choices=["hard", "easy"],
+                   help="SyntheticFineGrained preset: easy (a large part; learnable in CPU minutes) or hard "
+                        "(the method's benchmark: a 12 px part in 64 px)")
+    g.add_argument("--synthetic_class_hue", type=float, default=None,
+                   help="class-correlated object hue in [0, 1] (0: none; default: the difficulty's)")
     g.add_argument("--global_size", type=int, default=64, help="global crop size (paper: 224)")
     g.add_argument("--local_size", type=int, default=32, help="local crop size (paper: 96)")
     g.add_argument("--local_crops_number", type=int, default=4, help="paper: 8")
@@ -211,6 +216,8 @@ def build_data(args, split: str, transform):
             split=split,
             seed=args.seed,
             transform=transform,
+            difficulty=args.synthetic_difficulty,
+            class_hue=args.synthetic_class_hue,
         )
     if args.data_path is None:
         raise SystemExit(f"--data_path is required for --dataset {args.dataset}")

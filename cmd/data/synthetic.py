@@ -23,11 +23,16 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SyntheticFineGrained", "SyntheticSample"]
+__all__ = ["DIFFICULTIES", "SyntheticFineGrained", "SyntheticSample"]
 
 _SPLITS = {"train": 0, "test": 1, "val": 2}
-_CODE_SIDE = 4  # the part pattern is a 4 x 4 grid of cells
-_PART_FRACTION = 0.2  # part side / image side: area <= 4 %
+_CODE_SIDE = 4  # the part pattern is a 4 x 4 grid of cells (difficulty "hard")
+_PART_FRACTION = 0.2  # part side / image side: area <= 4 % (difficulty "hard")
+# difficulty presets: (part_fraction, code_side, class_hue); explicit arguments override them
+DIFFICULTIES: dict[str, dict[str, float | int]] = {
+    "hard": {"part_fraction": _PART_FRACTION, "code_side": _CODE_SIDE, "class_hue": 0.0},
+    "easy": {"part_fraction": 0.4, "code_side": 3, "class_hue": 0.0},
+}
 _CLASS_STREAM = 0x5EED  # separates the class-pattern generator from the per-image ones
 
 
@@ -39,12 +44,12 @@ class SyntheticSample(NamedTuple):
     label: int
 
 
-def _class_codes(n_classes: int, seed: int) -> np.ndarray:
-    """[n_classes, 4, 4] bool patterns with 8 light cells each, pairwise as different as possible."""
-    n_cells = _CODE_SIDE * _CODE_SIDE
+def _class_codes(n_classes: int, seed: int, side: int = _CODE_SIDE) -> np.ndarray:
+    """[n_classes, side, side] bool patterns with side^2 // 2 light cells each, pairwise as different as possible."""
+    n_cells = side * side
     max_codes = math.comb(n_cells, n_cells // 2)
     if n_classes > max_codes:
-        raise ValueError(f"n_classes must be at most {max_codes}, got {n_classes}")
+        raise ValueError(f"n_classes must be at most {max_codes} for {side} x {side} part cells, got {n_classes}")
     rng = np.random.default_rng([seed, _CLASS_STREAM])
     pool_size = max(4 * n_classes, 512)
     pool = np.zeros((pool_size, n_cells), dtype=bool)
@@ -53,7 +58,8 @@ def _class_codes(n_classes: int, seed: int) -> np.ndarray:
     pool = np.unique(pool, axis=0)
     pool = pool[rng.permutation(len(pool))]
     chosen: list[np.ndarray] = []
-    for min_distance in (8, 6, 4, 2):  # greedy: prefer codes far apart, relax when short
+    distances = range(2 * (n_cells // 4), 0, -2) if n_cells >= 4 else (1,)  # 4 x 4 cells: 8, 6, 4, 2
+    for min_distance in distances:  # greedy: prefer codes far apart, relax when short
         for code in pool:
             if len(chosen) == n_classes:
                 break
@@ -66,7 +72,7 @@ def _class_codes(n_classes: int, seed: int) -> np.ndarray:
         code[rng.choice(n_cells, n_cells // 2, replace=False)] = True
         if not any(np.array_equal(code, c) for c in chosen):
             chosen.append(code)
-    return np.stack(chosen).reshape(n_classes, _CODE_SIDE, _CODE_SIDE)
+    return np.stack(chosen).reshape(n_classes, side, side)
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -98,12 +104,22 @@ class SyntheticFineGrained(Dataset):
         transform: applied to the PIL image.
         target_transform: applied to the label.
         cache: keep rendered images in memory (about 3 * image_size^2 bytes each).
+        difficulty: a preset of the three knobs below: ``"hard"`` (the default; the method's
+            benchmark: a 4 x 4 pattern in a part of 0.2 x the image side, no global cue) or
+            ``"easy"`` (a part twice as wide with 3 x 3 larger cells, which a tiny backbone can
+            learn in a few CPU minutes; see ``DIFFICULTIES``).
+        part_fraction: part side / image side, in (0, 1] (overrides the preset).
+        code_side: the part pattern is ``code_side x code_side`` cells, >= 2 (overrides the preset).
+        class_hue: in [0, 1]; 0: the object's hue is random, as every other global property; s > 0:
+            the hue centres on a per-class hue, with uniform noise of width ``1 - s`` (a global,
+            class-correlated cue, like the colour family of a species; overrides the preset).
 
     Attributes:
         num_classes: the number of classes.
         classes: the class names.
         targets: the label of every index.
         part_size: the side of the part in pixels.
+        difficulty, part_fraction, code_side, class_hue: the data's settings.
 
     Example:
         >>> data = SyntheticFineGrained(n_classes=4, n_per_class=5, image_size=64)
@@ -123,7 +139,23 @@ class SyntheticFineGrained(Dataset):
         transform: Callable[[Any], Any] | None = None,
         target_transform: Callable[[int], Any] | None = None,
         cache: bool = True,
+        difficulty: str = "hard",
+        part_fraction: float | None = None,
+        code_side: int | None = None,
+        class_hue: float | None = None,
     ) -> None:
+        if difficulty not in DIFFICULTIES:
+            raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
+        preset = DIFFICULTIES[difficulty]
+        part_fraction = float(preset["part_fraction"] if part_fraction is None else part_fraction)
+        code_side = int(preset["code_side"] if code_side is None else code_side)
+        class_hue = float(preset["class_hue"] if class_hue is None else class_hue)
+        if not 0.0 < part_fraction <= 1.0:
+            raise ValueError(f"part_fraction must lie in (0, 1], got {part_fraction}")
+        if code_side < 2:
+            raise ValueError(f"code_side must be >= 2, got {code_side}")
+        if not 0.0 <= class_hue <= 1.0:
+            raise ValueError(f"class_hue must lie in [0, 1], got {class_hue}")
         for name, value, low in (("n_classes", n_classes, 1), ("n_per_class", n_per_class, 1), ("image_size", image_size, 16)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -140,10 +172,13 @@ class SyntheticFineGrained(Dataset):
         self.transform = transform
         self.target_transform = target_transform
         self.cache = cache
-        self.part_size = int(_PART_FRACTION * image_size)
+        self.difficulty, self.part_fraction, self.code_side, self.class_hue = difficulty, part_fraction, code_side, class_hue
+        self.part_size = int(part_fraction * image_size)
+        if self.part_size < 1:
+            raise ValueError(f"the part ({part_fraction} x {image_size} px) must be at least 1 pixel wide")
         self.classes = [f"class_{c:0{len(str(n_classes - 1))}d}" for c in range(n_classes)]
         self.targets = [i // n_per_class for i in range(n_classes * n_per_class)]
-        self._codes = _class_codes(n_classes, seed)
+        self._codes = _class_codes(n_classes, seed, code_side)
         ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32) / image_size
         self._ys, self._xs = ys, xs  # pixel coordinates in [0, 1)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -159,7 +194,8 @@ class SyntheticFineGrained(Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(n_classes={self.n_classes}, n_per_class={self.n_per_class}, "
-            f"image_size={self.image_size}, split={self.split!r}, seed={self.seed})"
+            f"image_size={self.image_size}, split={self.split!r}, seed={self.seed}, difficulty={self.difficulty!r}, "
+            f"part_fraction={self.part_fraction}, code_side={self.code_side}, class_hue={self.class_hue})"
         )
 
     def _index(self, index: int) -> int:
@@ -249,8 +285,11 @@ class SyntheticFineGrained(Dataset):
         b = a * rng.uniform(0.55, 0.8)
         theta = rng.uniform(0, 2 * math.pi)
         oy, ox = (float(t) for t in rng.uniform(a + 0.02, 1 - a - 0.02, size=2))
+        hue = rng.uniform()
+        if self.class_hue > 0:  # a class-correlated hue: the class's centre plus noise of width 1 - class_hue
+            hue = (label / self.n_classes + (1.0 - self.class_hue) * (hue - 0.5)) % 1.0
         body = _hsv_to_rgb(
-            np.float32(rng.uniform()), np.float32(rng.uniform(0.3, 0.8)), np.float32(rng.uniform(0.45, 0.9))
+            np.float32(hue), np.float32(rng.uniform(0.3, 0.8)), np.float32(rng.uniform(0.45, 0.9))
         ).astype(np.float32)
         stripe_freq, stripe_phase = rng.uniform(4, 9), rng.uniform(0, 2 * math.pi)
         rows, cols = self._window(oy, ox, a)
@@ -273,7 +312,7 @@ class SyntheticFineGrained(Dataset):
         left = int(np.clip(round(centre_x * size - p / 2), 0, size - p))
         light = rng.uniform(0.75, 1.0, size=3).astype(np.float32)
         dark = rng.uniform(0.0, 0.2, size=3).astype(np.float32)
-        cells = (np.arange(p) * _CODE_SIDE) // p  # pixel -> cell, nearest
+        cells = (np.arange(p) * self.code_side) // p  # pixel -> cell, nearest
         pattern = self._codes[label][cells[:, None], cells[None, :]]  # [p, p] bool
         image[top : top + p, left : left + p] = np.where(pattern[..., None], light, dark)
         mask = np.zeros((size, size), dtype=bool)

@@ -122,3 +122,87 @@ def test_argument_errors():
         SyntheticFineGrained(n_classes=0)
     with pytest.raises(ValueError, match="label"):
         SyntheticFineGrained(n_classes=2, n_per_class=1).render(0, label=2)
+
+
+# ----------------------------------------------------------------------------------- difficulty
+
+# sha256 of (images, part masks) of the "hard" data as rendered before the difficulty setting existed
+_HARD_DIGESTS = {
+    (10, 4, 64, "train", 0): "b91a3994f18de1c4ceb102ba1f915c55a8c3e41c5c00a3fa3a0d47ca285f4776",
+    (5, 3, 48, "test", 3): "cedd3ec2731729076624b5344b6e45dc260462d4cd040e65ebc3530eabaa177d",
+}
+
+
+@pytest.mark.parametrize("key", sorted(_HARD_DIGESTS))
+@pytest.mark.parametrize("explicit", [False, True])
+def test_hard_is_bit_identical_to_the_original_images(key, explicit):
+    import hashlib
+
+    n_classes, n_per_class, size, split, seed = key
+    kwargs = dict(difficulty="hard", part_fraction=0.2, code_side=4, class_hue=0.0) if explicit else {}
+    data = SyntheticFineGrained(n_classes=n_classes, n_per_class=n_per_class, image_size=size, split=split,
+                                seed=seed, **kwargs)
+    images, masks, _ = data.to_arrays()
+    assert hashlib.sha256(images.tobytes() + masks.tobytes()).hexdigest() == _HARD_DIGESTS[key]
+
+
+def test_easy_preset_is_deterministic_with_a_larger_part():
+    a = SyntheticFineGrained(n_classes=10, n_per_class=3, image_size=64, difficulty="easy")
+    b = SyntheticFineGrained(n_classes=10, n_per_class=3, image_size=64, difficulty="easy", cache=False)
+    hard = SyntheticFineGrained(n_classes=10, n_per_class=3, image_size=64)
+    images_a, masks_a, _ = a.to_arrays()
+    images_b, masks_b, _ = b.to_arrays()
+    assert np.array_equal(images_a, images_b) and np.array_equal(masks_a, masks_b)
+    assert a.part_size > hard.part_size and a._codes.shape == (10, a.code_side, a.code_side)
+    assert (masks_a.sum(axis=(1, 2)) == a.part_size**2).all()
+    assert not np.array_equal(images_a, hard.to_arrays()[0])
+
+
+@pytest.mark.parametrize("code_side", [2, 3, 5])
+def test_part_pattern_follows_code_side_and_mask(code_side):
+    n_classes = 6 if code_side == 2 else 8
+    data = SyntheticFineGrained(n_classes=n_classes, n_per_class=2, image_size=60, part_fraction=0.5,
+                                code_side=code_side)
+    codes = data._codes.reshape(n_classes, -1)
+    assert (codes.sum(axis=1) == code_side**2 // 2).all() and len({c.tobytes() for c in codes}) == n_classes
+    for index in (0, 5):
+        sample = data.render(index)
+        rows, cols = np.nonzero(sample.part_mask)
+        part = sample.image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].astype(int)
+        assert part.shape[:2] == (data.part_size, data.part_size)
+        # light cells are brighter than dark ones, cell by cell, in the class's pattern
+        cell = (np.arange(data.part_size) * code_side) // data.part_size
+        pattern = data._codes[sample.label][cell[:, None], cell[None, :]]
+        assert part.sum(-1)[pattern].min() > part.sum(-1)[~pattern].max()
+        # the scene outside the part does not depend on the class (no global cue by default)
+        other = data.render(index, label=(sample.label + 1) % n_classes)
+        assert np.array_equal(sample.image[~sample.part_mask], other.image[~sample.part_mask])
+
+
+def test_class_hue_is_a_global_class_cue():
+    data = SyntheticFineGrained(n_classes=4, n_per_class=2, image_size=48, class_hue=1.0)
+    own = data.render(0)
+    other = data.render(0, label=2)
+    outside = ~own.part_mask
+    assert not np.array_equal(own.image[outside], other.image[outside])  # the object's colour changed
+    # with class_hue = 1 every object of a class has the class's hue: same index -> same scene otherwise
+    plain = SyntheticFineGrained(n_classes=4, n_per_class=2, image_size=48)
+    differs = np.any(plain.render(0).image != own.image, axis=-1)
+    assert differs.any() and differs.mean() < 0.5  # only the object's pixels changed
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(difficulty="medium"), "difficulty"),
+        (dict(part_fraction=0.0), "part_fraction"),
+        (dict(part_fraction=1.5), "part_fraction"),
+        (dict(code_side=1), "code_side"),
+        (dict(class_hue=-0.1), "class_hue"),
+        (dict(image_size=16, part_fraction=0.05), "at least 1 pixel"),
+        (dict(n_classes=7, code_side=2), "at most 6"),
+    ],
+)
+def test_difficulty_knobs_reject_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SyntheticFineGrained(**kwargs)
