@@ -1,0 +1,54 @@
+"""examples/pretrain.py: the synthetic difficulty options and the small-crop backbone defaults."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "pretrain.py"
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    spec = importlib.util.spec_from_file_location("pretrain_example_options", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_difficulty_reaches_the_dataset(pretrain):
+    args = pretrain.parse_args(["--synthetic_difficulty", "easy", "--synthetic_classes", "3",
+                                "--synthetic_per_class", "2", "--synthetic_class_hue", "0.5"])
+    data = pretrain.build_data(args, "train", None)
+    assert (data.difficulty, data.code_side, data.class_hue) == ("easy", 3, 0.5)
+    assert data.part_size == int(0.4 * 64)
+    hard = pretrain.build_data(pretrain.parse_args(["--synthetic_classes", "3", "--synthetic_per_class", "2"]),
+                               "train", None)
+    assert (hard.difficulty, hard.part_size, hard.class_hue) == ("hard", 12, 0.0)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3}),
+        (["--arch", "resnet18"], {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16}),
+        (["--arch", "resnet18", "--global_size", "224"], {}),
+        (["--arch", "swin_tiny"], {}),
+        (["--arch", "resnet18", "--backbone_kwargs", '{"output_stride": 32}'], {"output_stride": 32}),
+    ],
+)
+def test_small_crop_backbone_kwargs(pretrain, argv, expected):
+    assert pretrain.parse_args(argv).backbone_kwargs == expected
+
+
+def test_small_resnet_gives_pooled_vector_and_tokens(pretrain):
+    import torch
+
+    import cmd
+
+    args = pretrain.parse_args(["--arch", "resnet18"])
+    backbone = cmd.create_backbone("resnet18", **args.backbone_kwargs)
+    out = backbone(torch.randn(2, 3, 64, 64))
+    assert out.pooled.shape == (2, 128) and out.tokens.shape == (2, 16, 128) and out.grid == (4, 4)
