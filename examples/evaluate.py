@@ -91,13 +91,13 @@ def _loader(data, args, *, shuffle: bool) -> DataLoader:
 
 
 def build_backbone(args) -> torch.nn.Module:
-    backbone = cmd.create_backbone(args.arch, pretrained=False, **(args.backbone_kwargs or {}))
+    # through create_backbone: EsViT/CMD and DINO checkpoints get their reference numerics (see the report)
+    weights = {"checkpoint": args.pretrained_weights, "checkpoint_key": args.checkpoint_key,
+               "trust_pickle": args.trust_pickle} if args.pretrained_weights else {}
+    backbone = cmd.create_backbone(args.arch, pretrained=False, **weights, **(args.backbone_kwargs or {}))
     if args.pretrained_weights:
-        report = cmd.load_checkpoint(
-            backbone, args.pretrained_weights, checkpoint_key=args.checkpoint_key, trust_pickle=args.trust_pickle
-        )
         if dist.is_main_process():
-            print(f"loaded {args.pretrained_weights} [{args.checkpoint_key}] ({report.source_format})")
+            print(f"loaded {args.pretrained_weights} [{args.checkpoint_key}]: {backbone.load_report.summary()}")
     elif dist.is_main_process():
         print("no --pretrained_weights: evaluating the randomly initialised backbone")
     return backbone.eval()

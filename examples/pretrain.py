@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'at crops <= 96 px (the demo): {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3}')
     g.add_argument("--init", type=str, default=None, help="DINO / EsViT / CMD / timm checkpoint to start from")
     g.add_argument("--init_key", type=str, default="teacher", help="key of the backbone weights in --init")
+    g.add_argument("--init_partial", action="store_true",
+                   help="start from the part of --init that fits the backbone (default: it must fit exactly)")
     g.add_argument("--out_dim", type=int, default=1024, help="K, prototypes of the heads (paper: 65536)")
     g.add_argument("--head_hidden_dim", type=int, default=256, help="hidden width of the heads' MLP (paper: 2048)")
     g.add_argument("--head_bottleneck_dim", type=int, default=64, help="bottleneck of the heads (paper: 256)")
@@ -222,12 +224,20 @@ def build_data(args, split: str, transform):
 
 def build_network(args: argparse.Namespace, *, verbose: bool = False) -> cmd.CMDNetwork:
     """The student: a backbone (optionally initialised from --init) and a cross-level head."""
-    backbone = cmd.create_backbone(args.arch, pretrained=False, **args.backbone_kwargs)
-    if args.init:
-        report = cmd.load_checkpoint(backbone, args.init, checkpoint_key=args.init_key, strict=False)
-        if verbose:
-            print(f"initialised from {args.init} ({report.source_format}); missing={len(report.missing)} "
-                  f"unexpected={len(report.unexpected)}")
+    # --init goes through create_backbone: EsViT/CMD and DINO checkpoints get their reference numerics
+    init = {"checkpoint": args.init, "checkpoint_key": args.init_key, "strict": not args.init_partial}
+    try:
+        backbone = cmd.create_backbone(args.arch, pretrained=False, **(init if args.init else {}),
+                                       **args.backbone_kwargs)
+    except ValueError as err:
+        if not args.init:
+            raise
+        raise SystemExit(f"--init {args.init}: {err}\n(--init_partial starts from the part that fits)") from err
+    report = backbone.load_report
+    if report is not None and report.loaded == 0:
+        raise SystemExit(f"--init {args.init}: nothing loads into {args.arch}: {report.summary()}")
+    if report is not None and verbose:
+        print(f"initialised from {args.init} [{args.init_key}]: {report.summary()}")
     head = cmd.CrossLevelHead(
         backbone.embed_dim,
         out_dim=args.out_dim,
@@ -406,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
             path, student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
             loss=criterion.state_dict(), scaler=precision.scaler.state_dict() if precision.scaler else None,
             ema=ema.state_dict(), epoch=epoch, step=step, args=_jsonable(vars(args)), history=history,
+            backbone_numerics=student.backbone.numerics,
         )
 
     steps_this_run = 0
