@@ -43,7 +43,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, window_partition, window_reverse
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    window_partition,
+    window_reverse,
+)
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
