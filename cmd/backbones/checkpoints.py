@@ -14,7 +14,7 @@ Recognised sources (a path or an in-memory dict), `LoadReport.source_format` in 
   ``attn_mask`` buffers are recomputed, not loaded), window 7 and 14 [``"esvit"``]. The converted
   weights reproduce EsViT's features (within 1e-5 at 224 and 96 px) only with EsViT's numerics
   (``numerics="esvit"``: LayerNorm eps 1e-6 and pad-then-shift windows, see `cmd.backbones.numerics`);
-  with timm's they differ by ~2e-5 at 224 px and up to ~1.7 on 96 px tokens;
+  with timm's they differ by ~1e-4 at 224 px and up to ~1 on 96 px tokens (Swin-T, random weights);
 * plain timm state dicts, bare or under ``"state_dict"`` / ``"model"``, classifier heads dropped
   [``"timm"``].
 

@@ -18,9 +18,11 @@ numerics    what changes (on top of timm's modules)     why
 
 The two orders of padding and shifting agree when a stage's resolution is a multiple of its window
 (every stage at 224 px, and 112 px for window 7 and 14), so ``"esvit"`` changes 224 px features only
-by the LayerNorm epsilon (max abs difference ~2e-5 on features of scale ~4), but 96 px local crops by
-up to 1.7 (tokens) with random weights. DINO's interpolation is the identity at the training size
-(224 px) and changes other sizes (96 px: up to 1.5 on tokens).
+by the LayerNorm epsilon (Swin-T: max abs difference ~9e-5 on tokens of magnitude ~8), but 96 px
+local crops by up to 1.0 (W7) / 0.22 (W14) on tokens, random weights. DINO's interpolation is the
+identity at the training grid (224 px) and changes other sizes (ViT-S/16 at 96 px: up to 3.9 on
+tokens). With the matching numerics the differences to the references are 0 (Swin) and ~3e-6 (ViT,
+the attention kernel); the table with every measurement is in ``docs/blocks/backbones.md``.
 
 Implementation: ``"esvit"`` sets ``eps`` on the model's LayerNorms and gives each Swin block the
 class `EsViTSwinBlock`, a subclass of timm's ``SwinTransformerBlock`` that overrides the one
