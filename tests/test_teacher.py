@@ -192,9 +192,13 @@ def test_update_refuses_nan_or_inf_student_weights_and_names_them():
 
 
 def test_finite_check_has_no_false_alarm_for_large_half_precision_weights():
-    student = torch.nn.Linear(64, 64).half()
+    student = torch.nn.Linear(64, 64).half()  # 2-norm accumulated in float32
     with torch.no_grad():
-        student.weight.fill_(60000.0)  # the 2-norm would overflow float16; the max-norm does not
+        student.weight.fill_(60000.0)  # a float16 2-norm would overflow
     ema = EMATeacher(student, momentum=0.9)
     ema.update(student)
     assert torch.isfinite(ema.teacher.weight).all()
+    big = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        big.weight.fill_(1e30)  # finite, but its float32 2-norm overflows: checked one by one, accepted
+    EMATeacher(big, momentum=0.9).update(big)
