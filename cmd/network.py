@@ -147,6 +147,8 @@ class CMDNetwork(nn.Module):
                 raise ValueError(f"crops[{i}] must be a [B, C, H, W] tensor, got {shape}")
             if crop.shape[0] != batch:
                 raise ValueError(f"every crop must hold the same batch B = {batch}; crops[{i}] has {crop.shape[0]}")
+        if batch == 0:
+            raise ValueError("the crops hold an empty batch (B = 0): pass at least one image per crop")
         return crops
 
 

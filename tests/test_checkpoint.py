@@ -179,7 +179,8 @@ def test_missing_truncated_and_corrupted_files_name_the_file(tmp_path):
     torch.save({"format": "cmd-fgvc", "format_version": 1, "obj": argparse.Namespace(a=1)}, unsafe)
     with pytest.raises(CheckpointError, match="unsafe.pt.*weights_only"):
         read_checkpoint(unsafe)
-    assert read_checkpoint(unsafe, weights_only=False)["obj"].a == 1  # explicit opt-out
+    with pytest.warns(UserWarning, match="weights_only=False.*arbitrary code"):
+        assert read_checkpoint(unsafe, weights_only=False)["obj"].a == 1  # explicit opt-out
     newer = tmp_path / "newer.pt"
     torch.save({"format": "cmd-fgvc", "format_version": 2}, newer)
     with pytest.raises(CheckpointError, match="format_version 2"):

@@ -198,6 +198,13 @@ class Backbone(nn.Module):
             )
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"{what} must have shape [B, {self.in_chans}, H, W], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{what} has dtype {x.dtype}; the backbone takes float images: convert uint8 images with "
+                "x.float() / 255 and normalise them (cmd.eval_transform / the training transforms do both)"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} is an empty batch (shape {list(x.shape)}): pass at least one image")
         ph, pw = self.patch_size
         h, w = x.shape[-2:]
         if h % ph or w % pw:

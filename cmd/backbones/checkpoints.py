@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from cmd._integrity import corrupt_member, is_raw_pickle, mismatched_tensors
+
 from .backbone import Backbone
 
 __all__ = ["LoadReport", "load_checkpoint", "export_checkpoint", "read_checkpoint_file"]
@@ -135,8 +137,9 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
 
     Raises:
         FileNotFoundError: no such file.
-        RuntimeError: the file is truncated or corrupted, or holds pickled objects and ``trust_pickle``
-            is False.
+        RuntimeError: the file is truncated or corrupted (a ``torch.save`` zip member whose CRC-32 fails
+            is named, with the tensor entry when the file stores checksums), or holds pickled objects
+            (or is a raw ``pickle.dump`` file) and ``trust_pickle`` is False.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -158,14 +161,20 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
         loader = {"weights_only": False}
     else:
         loader = {"weights_only": True}
+    damaged = corrupt_member(path)  # torch.load does not check the zip's CRC-32s
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", **loader)
+            obj = torch.load(path, map_location="cpu", **loader)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
-        if found is not None:
+        if found is not None and damaged is None:
             raise RuntimeError(
                 f"checkpoint file {path!r} holds a pickled Python object ({found.group(1)}) that "
+                "torch.load(weights_only=True) refuses; if you trust the file, pass trust_pickle=True"
+            ) from err
+        if is_raw_pickle(path):
+            raise RuntimeError(
+                f"checkpoint file {path!r} is a raw pickle (written by pickle.dump, not torch.save) that "
                 "torch.load(weights_only=True) refuses; if you trust the file, pass trust_pickle=True"
             ) from err
         raise RuntimeError(
@@ -175,6 +184,14 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
         raise RuntimeError(
             f"could not read checkpoint file {path!r}: truncated or corrupted ({_first_line(err)})"
         ) from err
+    if damaged is not None:
+        entries = mismatched_tensors(obj, obj.get("checksums")) if isinstance(obj, dict) else []
+        raise RuntimeError(
+            f"could not read checkpoint file {path!r}: corrupted ("
+            + (f"entries {entries[:_SHOWN]}, " if entries else "")
+            + f"zip member {damaged} fails its CRC-32 check)"
+        )
+    return obj
 
 
 def _first_line(err: BaseException) -> str:

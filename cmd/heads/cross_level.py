@@ -187,6 +187,15 @@ class CrossLevelHead(nn.Module):
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must have shape [B, N, D = {self.in_dim}], got {shape}")
         b = tokens.shape[0]
+        if b == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens is empty (shape {list(tokens.shape)}): the head needs B >= 1 crops of N >= 1 tokens")
+        weight_dtype = next(self.image_head.parameters()).dtype
+        for name, t in (("tokens", tokens), ("pooled", pooled)):
+            if t is not None and t.dtype != weight_dtype and not torch.is_autocast_enabled(t.device.type):
+                raise TypeError(
+                    f"{name} are {t.dtype} but the head's weights are {weight_dtype}: run the head under "
+                    f"torch.autocast (as the backbone ran) or cast with {name}.to({weight_dtype})"
+                )
         if pooled is not None and tuple(pooled.shape) != (b, self.in_dim):
             raise ValueError(f"pooled must have shape [B, D] = {[b, self.in_dim]}, got {list(pooled.shape)}")
         if self.image_input == "pooled" and pooled is None:
