@@ -455,11 +455,12 @@ def plot_embeddings(
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
     classes = np.unique(y)
-    cmap = plt.get_cmap("tab20")
+    palette = 10 if len(classes) <= 10 else 20  # tab10's colours are the more distinct
+    cmap = plt.get_cmap(f"tab{palette}")
     for n, c in enumerate(classes):
         pts = xy[y == c]
         name = class_names[int(c)] if class_names is not None else f"class {int(c)}"
-        ax.scatter(pts[:, 0], pts[:, 1], color=cmap(n % 20), s=6, label=str(name))
+        ax.scatter(pts[:, 0], pts[:, 1], color=cmap(n % palette), s=8, label=str(name))
     if len(classes) <= 20:
         ax.legend(fontsize=7, markerscale=2, loc="best", frameon=False)
     ax.set_title(f"{'t-SNE' if method == 'tsne' else 'PCA'} of {len(x)} features, {len(classes)} classes")
