@@ -49,7 +49,7 @@ class KNNClassifier:
             training set in chunks, so 1,000,000 x 768 training features are fine).
         normalize: L2-normalise train and test features (cosine similarity); set False only for
             features that are already normalised.
-        nlist: inverted lists of ``"faiss_ivf"`` (None: about ``4 * sqrt(N)``).
+        nlist: inverted lists of ``"faiss_ivf"`` (None: about ``sqrt(N)``).
         nprobe: lists scanned per test sample by ``"faiss_ivf"``.
 
     Example:

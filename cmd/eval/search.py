@@ -100,8 +100,9 @@ class InnerProductSearch:
             database is copied into the index) or ``"faiss_ivf"`` (approximate ``IndexIVFFlat``).
         batch_size: queries per search step (bounds the memory of one step).
         database_chunk: database rows per matrix product (torch backend only).
-        nlist: inverted lists of ``"faiss_ivf"``; None: ``4 * sqrt(M)``, at most ``M // 39``
-            (faiss wants about 39 training rows per list), at least 1.
+        nlist: inverted lists of ``"faiss_ivf"``; None: ``sqrt(M)``, at most ``M // 39`` (faiss
+            wants about 39 training rows per list), at least 1. The lists are trained by k-means on
+            at most ``64 * nlist`` database rows (a seeded subset).
         nprobe: lists scanned per query by ``"faiss_ivf"`` (more: slower, higher recall; clamped
             to ``nlist``).
 
@@ -153,13 +154,19 @@ class InnerProductSearch:
         else:
             if self.size == 0:
                 raise ValueError("backend='faiss_ivf' needs a non-empty database to cluster")
-            self.nlist = nlist if nlist is not None else max(1, min(round(4 * math.sqrt(self.size)), self.size // 39))
+            self.nlist = nlist if nlist is not None else max(1, min(round(math.sqrt(self.size)), self.size // 39))
             if self.nlist > self.size:
                 raise ValueError(f"nlist = {self.nlist} exceeds the {self.size} database rows")
             self.nprobe = min(nprobe, self.nlist)
             quantizer = faiss.IndexFlatIP(self.dim)
             self._index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
-            self._index.train(x)
+            # k-means on at most 64 rows per list (a seeded subset): training cost bounded by nlist
+            n_train = min(self.size, 64 * self.nlist)
+            if n_train < self.size:
+                keep = torch.randperm(self.size, generator=torch.Generator().manual_seed(0))[:n_train]
+                self._index.train(x[np.sort(keep.numpy())])
+            else:
+                self._index.train(x)
             self._index.nprobe = self.nprobe
             self._quantizer = quantizer  # the index refers to it: keep it alive
         self._index.add(x)

@@ -73,7 +73,7 @@ def test_ivf_recall_is_high_on_clustered_data():
     q, _ = _clustered(200, 32, 20, seed=6)
     k = 10
     ivf = InnerProductSearch(db, backend="faiss_ivf", nprobe=8)
-    assert ivf.nlist == min(round(4 * 4000**0.5), 4000 // 39)  # the documented default
+    assert ivf.nlist == min(round(4000**0.5), 4000 // 39)  # the documented default
     _, approx = ivf.search(q, k)
     _, exact = InnerProductSearch(db, backend="torch").search(q, k)
     recall = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact)) / exact.numel()
