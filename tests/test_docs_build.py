@@ -110,6 +110,12 @@ def test_mkdocs_build_strict(tmp_path):
     external = {str(p.relative_to(site)): external_resources(p.read_text()) for p in html_pages}
     external = {page: tags for page, tags in external.items() if tags}
     assert not external, f"pages load scripts or stylesheets from another host: {external}"
+    css_external = [
+        str(p.relative_to(site))
+        for p in site.rglob("*.css")
+        if re.search(r"""(@import\s+(url\()?|url\()\s*["']?(https?:)?//""", p.read_text(errors="replace"))
+    ]
+    assert not css_external, f"stylesheets import or load from another host: {css_external}"
     vendored = ("javascripts/vendor/mathjax/tex-svg.js", "javascripts/vendor/mermaid/mermaid.min.js")
     for path in vendored:
         assert (site / path).stat().st_size > 100_000, f"{path} is missing from the built site"
