@@ -126,3 +126,40 @@ def test_mkdocs_build_strict(tmp_path):
     # Sphinx roles would print literally in the API reference: docstrings use mkdocstrings cross-references.
     roles = sorted(set(re.findall(r":(?:class|func|meth|attr|mod|exc|obj|data):(?:`|<code>)[^<`]*", pages)))
     assert not roles, f"Sphinx roles printed literally in the API reference: {roles}"
+
+
+def _load_vendor_hook():
+    spec = importlib.util.spec_from_file_location("docs_vendor_js", ROOT / "docs" / "_hooks" / "vendor_js.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vendor_hook_checks_integrity_and_extracts(tmp_path):
+    pytest.importorskip("mkdocs", reason="the docs extra (mkdocs) is not installed")
+    import io
+    import tarfile
+
+    from mkdocs.exceptions import PluginError
+
+    hook = _load_vendor_hook()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("package/dist/lib.js", b"var lib = 1;"), ("package/LICENSE", b"MIT")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tarball = tmp_path / "lib-1.0.0.tgz"
+    tarball.write_bytes(buf.getvalue())
+    good = hook.Package("lib", "1.0.0", hook._integrity(tarball), {"dist/lib.js": "javascripts/vendor/lib.js"})
+    assert hook.fetch(good, tmp_path) == tarball  # cached and intact: no npm call
+    files = hook.extract(good, tarball, tmp_path)
+    assert files["javascripts/vendor/lib.js"].read_bytes() == b"var lib = 1;"
+    missing = good._replace(files={"dist/other.js": "x.js"})
+    with pytest.raises(PluginError, match="no package/dist/other.js"):
+        hook.extract(missing, tarball, tmp_path)
+    tampered = good._replace(integrity="sha512-" + "A" * 86 + "==")
+    with pytest.raises(PluginError, match="integrity"):
+        hook.fetch(tampered, tmp_path)
+    assert not tarball.exists()  # a tarball that fails the check is removed, to be fetched again
+    assert all(p.integrity.startswith("sha512-") for p in hook.PACKAGES)

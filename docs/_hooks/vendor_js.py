@@ -95,7 +95,10 @@ def extract(package: Package, tarball: Path, cache: Path) -> dict[str, Path]:
     if not all(p.is_file() for p in wanted.values()):
         with tarfile.open(tarball, "r:gz") as tar:
             for src, dest in wanted.items():
-                member = tar.extractfile(f"package/{src}")
+                try:
+                    member = tar.extractfile(f"package/{src}")
+                except KeyError:
+                    member = None
                 if member is None:
                     raise PluginError(f"{tarball.name} has no package/{src}")
                 dest.parent.mkdir(parents=True, exist_ok=True)
