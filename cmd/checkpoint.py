@@ -16,7 +16,7 @@ The usual contents, as the training loop passes them::
 
 Modules, optimisers, scalers and other objects with a ``state_dict()`` are stored as their state dict
 (DDP / ``torch.compile`` wrappers removed, so keys are the plain module's: ``backbone.model.<timm key>``,
-``head.*``); an :class:`~cmd.EMATeacher` given as ``teacher`` as its teacher's weights under ``teacher``
+``head.*``); an [`EMATeacher`][cmd.teacher.EMATeacher] given as ``teacher`` as its teacher's weights under ``teacher``
 plus its schedule state (step counter) under ``ema`` (``ema=ema`` or ``ema=ema.state_dict()`` stores
 the schedule state alone, with ``teacher=ema.teacher``); the RNG states are added as ``rng`` unless given. Everything stored is made of
 tensors, numbers, strings, lists, tuples, dicts and None (numpy arrays become tensors, numpy scalars
@@ -118,7 +118,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore RNG states saved by :func:`rng_state` (entries that are absent are left alone).
+    """Restore RNG states saved by `rng_state` (entries that are absent are left alone).
 
     CUDA states are restored for as many devices as both the state and this machine have.
     """
@@ -278,7 +278,7 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
 
     Args:
         path: the checkpoint file.
-        **state: the contents; ``rng`` is added (:func:`rng_state`) unless given.
+        **state: the contents; ``rng`` is added (`rng_state`) unless given.
 
     Returns:
         ``path`` as a ``Path``.
@@ -476,10 +476,10 @@ def restore_checkpoint(
     map_location: Any = "cpu",
     weights_only: bool = True,
 ) -> dict[str, Any]:
-    """Restore a checkpoint written by :func:`save_checkpoint` into what is given; return the rest.
+    """Restore a checkpoint written by [`save_checkpoint`][cmd.checkpoint.save_checkpoint] into what is given; return the rest.
 
     Each given object is loaded from its key (``student``, ``teacher``, ``optimizer``, ``loss``,
-    ``scaler``); wrapped modules (DDP, ``torch.compile``) are unwrapped. An :class:`~cmd.EMATeacher`
+    ``scaler``); wrapped modules (DDP, ``torch.compile``) are unwrapped. An [`EMATeacher`][cmd.teacher.EMATeacher]
     given as ``teacher`` gets its teacher's weights and its schedule state (step counter, from the
     ``ema`` entry); ``ema=`` restores the schedule state alone (pass ``teacher=ema.teacher`` or
     ``teacher=ema`` for the weights). The RNG states are restored

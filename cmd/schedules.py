@@ -161,7 +161,7 @@ def teacher_temperature_schedule(
         n_epochs: the length of the run (>= 1).
 
     Returns:
-        An :class:`EpochSchedule` of length ``n_epochs``.
+        An `EpochSchedule` of length ``n_epochs``.
 
     Example:
         >>> t = teacher_temperature_schedule(0.04, 0.07, warmup_epochs=30, n_epochs=300)

@@ -169,7 +169,7 @@ class EMATeacher:
     total_steps) + 1) / 2``, i.e. ``cosine_schedule(momentum, final_momentum, 1, total_steps)[step]``
     (0.996 -> 1 over the run in DINO / CMD), and stays at ``final_momentum`` past ``total_steps``.
     Without it the momentum is constant. An internal step counter (``ema.step``) advances on every
-    :meth:`update`; it is part of :meth:`state_dict`, so a resumed run continues the schedule exactly.
+    [`update`][cmd.teacher.EMATeacher.update]; it is part of [`state_dict`][cmd.teacher.EMATeacher.state_dict], so a resumed run continues the schedule exactly.
 
     Args:
         student: the network to follow (may be wrapped in DDP or ``torch.compile``).
@@ -239,7 +239,7 @@ class EMATeacher:
     def state_dict(self) -> dict[str, Any]:
         """The schedule state (like an lr scheduler's): step counter and momentum settings.
 
-        The teacher's weights are ``ema.teacher.state_dict()``; :func:`cmd.save_checkpoint` stores both
+        The teacher's weights are ``ema.teacher.state_dict()``; [`cmd.save_checkpoint`][cmd.checkpoint.save_checkpoint] stores both
         when given the ``EMATeacher`` itself.
         """
         return {
@@ -250,7 +250,7 @@ class EMATeacher:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the step counter and momentum settings saved by :meth:`state_dict`."""
+        """Restore the step counter and momentum settings saved by [`state_dict`][cmd.teacher.EMATeacher.state_dict]."""
         unknown = sorted(set(state) - {"step", "momentum", "final_momentum", "total_steps"})
         if unknown or "step" not in state:
             raise ValueError(

@@ -33,7 +33,7 @@ _ALIASES = {
     "image_folder": "imagefolder",
 }
 
-#: canonical dataset names accepted by :func:`build_dataset` (aliases such as "cub" or "cars" too)
+#: canonical dataset names accepted by `build_dataset` (aliases such as "cub" or "cars" too)
 DATASETS = ("synthetic", "cub200", "stanford_cars", "fgvc_aircraft", "imagefolder")
 
 
@@ -180,9 +180,9 @@ def build_dataset(
 
     Names (case-insensitive, ``-`` or ``_``):
 
-    - ``"synthetic"``: :class:`SyntheticFineGrained` (``root`` unused; ``kwargs`` go to it, e.g.
+    - ``"synthetic"``: [`SyntheticFineGrained`][cmd.data.SyntheticFineGrained] (``root`` unused; ``kwargs`` go to it, e.g.
       ``n_classes``, ``image_size``, ``return_part_mask``).
-    - ``"cub200"`` / ``"cub"``: :class:`CUB200` from ``root`` (the ``CUB_200_2011`` folder or its
+    - ``"cub200"`` / ``"cub"``: [`CUB200`][cmd.data.CUB200] from ``root`` (the ``CUB_200_2011`` folder or its
       parent); splits ``train`` / ``test``.
     - ``"stanford_cars"`` / ``"cars"``: torchvision's ``StanfordCars`` layout under
       ``root/stanford_cars`` (``download=False``: torchvision cannot download it any more);
@@ -197,7 +197,7 @@ def build_dataset(
       split missing from that list raises a ValueError naming it; a listed class without a folder
       in the split is allowed, with a warning. Directory symlink loops raise a ValueError naming the link.
 
-    The file-based datasets are :class:`ImageListDataset` objects: they expose ``samples``,
+    The file-based datasets are `ImageListDataset` objects: they expose ``samples``,
     ``targets``, ``classes`` and ``num_classes``, and name the file in every error (a missing
     dataset says where to put the files).
 

@@ -104,7 +104,7 @@ def extract_features(
 
     Each batch ``(images, labels, *extra)`` of ``loader`` (extra items such as part masks are
     ignored) goes through ``forward(model, images)`` when given, else ``model(images)``; a result
-    with a ``.pooled`` attribute (a :class:`cmd.backbones.BackboneOutput`) gives its image vector,
+    with a ``.pooled`` attribute (a [`cmd.backbones.BackboneOutput`][cmd.backbones.BackboneOutput]) gives its image vector,
     any other result must be a tensor [B, D]. For example
     ``forward=lambda m, x: m.forward_last_blocks(x, n=4, avgpool=False)`` extracts linear-probe
     features. The model runs in eval mode under ``torch.no_grad`` (its mode is restored after),
@@ -114,7 +114,7 @@ def extract_features(
     ``DistributedSampler``) and the rows of all processes are gathered **in dataset order without
     duplicates** (the sampler's padding repeats are dropped). The dataset index of every row is read
     from the loader's batch sampler, so datasets need not return their indices, but the sampler must
-    be deterministic (:func:`loader_batch_indices`). In a single process the rows keep the loader's
+    be deterministic (`loader_batch_indices`). In a single process the rows keep the loader's
     order (dataset order for an unshuffled loader). In both cases a loader that would drop its last,
     partial batch (``drop_last=True``) raises a ValueError rather than return fewer rows.
 

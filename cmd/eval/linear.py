@@ -140,7 +140,7 @@ def train_linear_probe(
     The backbone stays in eval mode under ``torch.no_grad`` throughout (BatchNorm statistics never
     drift; its mode is restored at the end). Features are
     ``backbone.forward_last_blocks(images, n=n_last_blocks, avgpool=avgpool)`` [B, D] (ViT: CLS of
-    the last blocks; Swin: pooled last blocks). One :class:`LinearProbe` per learning rate is trained
+    the last blocks; Swin: pooled last blocks). One [`LinearProbe`][cmd.eval.LinearProbe] per learning rate is trained
     in the same pass (same batches) with SGD (momentum 0.9, no weight decay by default), the rate
     following a cosine over the epochs (stepped per epoch), cross-entropy loss; each is evaluated on
     the validation set at the end.
