@@ -2,10 +2,10 @@
 
 ``torch.save`` writes a zip archive whose members (``data.pkl``, one ``data/<n>`` per storage, ...)
 each carry a CRC-32, but ``torch.load`` never checks them, so a flipped byte inside tensor data
-loads silently as a changed weight. :func:`corrupt_member` checks them all (it reads the whole file
+loads silently as a changed weight. `corrupt_member` checks them all (it reads the whole file
 once: about as long as reading it from disk, ~1 s per GB). To say *which* tensor a corrupted
-``data/<n>`` member holds, :func:`tensor_checksums` records a CRC-32 of every tensor's bytes at save
-time (a nested path such as ``student['head.weight']`` -> checksum) and :func:`mismatched_tensors`
+``data/<n>`` member holds, `tensor_checksums` records a CRC-32 of every tensor's bytes at save
+time (a nested path such as ``student['head.weight']`` -> checksum) and `mismatched_tensors`
 compares them after loading.
 """
 

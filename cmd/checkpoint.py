@@ -274,7 +274,7 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     Temporary files left by writers on this host that have since died are removed. The folder is
     created if needed. See the module docstring for what ``state`` may hold. A CRC-32 of every
     tensor's bytes is stored under ``checksums`` (one pass over the weights, about 1 s per GB on
-    the CPU) so that :func:`read_checkpoint` can name a corrupted tensor.
+    the CPU) so that `read_checkpoint` can name a corrupted tensor.
 
     Args:
         path: the checkpoint file.
@@ -379,7 +379,7 @@ def read_checkpoint(
 
     The CRC-32 that the zip format of ``torch.save`` keeps for every member is checked first (one
     read of the file), and when a member is damaged the tensors are compared with the checksums
-    stored by :func:`save_checkpoint` to name the corrupted entry (e.g. ``student['head.weight']``).
+    stored by `save_checkpoint` to name the corrupted entry (e.g. ``student['head.weight']``).
     Checkpoints written before checksums were stored still load (their members' CRC-32 is checked,
     and a damaged one is named by its member).
 
@@ -392,7 +392,7 @@ def read_checkpoint(
         FileNotFoundError: no file at ``path``.
         CheckpointError: the file is truncated, corrupted (the damaged entry is named), not loadable with
             ``weights_only=True`` (a pickled object or a raw pickle: the message says which), not a
-            cmd-fgvc checkpoint (e.g. a DINO file: use :func:`cmd.load_checkpoint` for a backbone), or of
+            cmd-fgvc checkpoint (e.g. a DINO file: use `cmd.load_checkpoint` for a backbone), or of
             a newer format version (the file is named).
     """
     path = Path(path)
@@ -493,7 +493,7 @@ def restore_checkpoint(
         restore_rng: restore python / numpy / torch / CUDA RNG states.
         map_location: where tensors are loaded before being copied into the objects.
         weights_only: keep True unless you trust the file (it refuses arbitrary pickled objects);
-            False warns, as ``trust_pickle=True`` of :func:`cmd.load_checkpoint` does.
+            False warns, as ``trust_pickle=True`` of `cmd.load_checkpoint` does.
 
     Returns:
         Everything else stored (``epoch``, ``step``, ``sampler_epoch``, ``args``, entries not restored,

@@ -177,9 +177,9 @@ class EMATeacher:
         final_momentum: the momentum at the end of the schedule (used only with ``total_steps``).
         total_steps: the number of updates of the whole run (epochs x iterations per epoch), or None
             for a constant momentum.
-        check_finite: :meth:`update` refuses (FloatingPointError naming them) student parameters or
+        check_finite: `update` refuses (FloatingPointError naming them) student parameters or
             buffers holding NaN/Inf, so they never reach the teacher; costs fused norms and one
-            host sync per update (see :func:`update_teacher`). False skips the check.
+            host sync per update (see `update_teacher`). False skips the check.
 
     Example:
         >>> import torch
