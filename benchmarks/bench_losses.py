@@ -65,11 +65,11 @@ class PerPairLoopLoss:
         G, B = self.G, teacher.image.shape[0] // self.G
         t_img = F.softmax((teacher.image.float() - self.center) / tau_t, dim=-1).detach().chunk(G)
         t_reg = F.softmax((teacher.region.float() - self.region_center) / tau_t, dim=-1).detach().chunk(G)
-        t_fea = teacher.features.chunk(G)
+        t_fea = teacher.tokens.chunk(G)
         s_img = [c for o in student for c in (o.image.float() / self.tau_s).chunk(o.image.shape[0] // B)]
         s_reg = [c for o in student for c in (o.region.float() / self.tau_s).chunk(o.image.shape[0] // B)]
-        s_fea = [c for o in student for c in o.features.chunk(o.image.shape[0] // B)]
-        s_w = [c for o in student for c in o.weights.chunk(o.image.shape[0] // B)]
+        s_fea = [c for o in student for c in o.tokens.chunk(o.image.shape[0] // B)]
+        s_w = [c for o in student for c in o.mil_weights.chunk(o.image.shape[0] // B)]
         total, n_pairs = 0.0, 0
         for g in range(G):
             for v in range(self.V):
@@ -156,7 +156,7 @@ def _sync(device):
 
 def _zero_grads(student):
     for o in student:
-        for t in (o.image, o.region, o.weights):
+        for t in (o.image, o.region, o.mil_weights):
             t.grad = None
 
 

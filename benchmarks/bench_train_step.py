@@ -102,13 +102,13 @@ class PerPairLoopLoss:
                         for t in t_crops]
             total, n_pairs = 0.0, 0
             for g, t in enumerate(t_crops):
-                t_unit = F.normalize(t.features.detach().float(), dim=-1)
+                t_unit = F.normalize(t.tokens.detach().float(), dim=-1)
                 for v, s in enumerate(s_crops):
                     if v == g:
                         continue
                     log_p = torch.log_softmax(s.image.float() / self.student_temp, -1)
                     image_ce = -(t_image[g] * log_p).sum(-1).mean()
-                    sim = F.normalize(s.features.detach().float(), dim=-1) @ t_unit.transpose(1, 2)
+                    sim = F.normalize(s.tokens.detach().float(), dim=-1) @ t_unit.transpose(1, 2)
                     match = sim.argmax(dim=-1)  # [B, N_v]
                     target = torch.gather(t_region[g], 1, match.unsqueeze(-1).expand(-1, -1, t_region[g].shape[-1]))
                     log_q = torch.log_softmax(s.region.float() / self.student_temp, -1)
@@ -120,7 +120,7 @@ class PerPairLoopLoss:
                 inter = 0.0
                 for s in s_crops:
                     log_q = torch.log_softmax(s.region.float() / self.student_temp, -1)
-                    w = s.weights.float()
+                    w = s.mil_weights.float()
                     log_b = torch.logsumexp((w / w.sum(-1, keepdim=True)).log().unsqueeze(-1) + log_q, dim=1)
                     log_p = torch.log_softmax(s.image.float() / self.student_temp, -1)
                     inter = inter + (log_b.exp() * (log_b - log_p)).sum(-1).mean()

@@ -54,7 +54,7 @@ def part_mass(net: cmd.CMDNetwork, args: argparse.Namespace) -> tuple[float, flo
     for images, _labels, masks in DataLoader(data, batch_size=64):
         feats = net.backbone(images)
         out = net.head(feats.tokens, feats.pooled)
-        masses.append(cmd.part_weight_mass(out.weights, masks, feats.grid))
+        masses.append(cmd.part_weight_mass(out.mil_weights, masks, feats.grid))
         n_tokens = feats.grid[0] * feats.grid[1]
         uniform.append(cmd.part_weight_mass(torch.full((len(images), n_tokens), 1.0 / n_tokens), masks, feats.grid))
     return float(torch.cat(masses).mean()), float(torch.cat(uniform).mean())

@@ -42,34 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_prototype_cross_entropy", "fused_region_distillation", "matched_target_index"]
-
-
-def matched_target_index(
-    matches: torch.Tensor, teacher_row_start: torch.Tensor, teacher_tokens: torch.Tensor, first_crop: int, n_global: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the teacher's flat region probabilities that make each student token's aggregated target.
-
-    Args:
-        matches: [C, B, N, G] long, ``m_g(j)`` for every student region of C crops (from ``match_regions``).
-        teacher_row_start: [G] long, the first row of teacher crop g in the flat [M, K] probabilities.
-        teacher_tokens: [G] long, N_g.
-        first_crop: index (among all V student crops) of this group's first crop.
-        n_global: G.
-
-    Returns:
-        ``(index [C * B * N, G] long, valid [C * B * N, G] float32)``: the target of student token
-        ``((c * B + b) * N + j)`` is ``sum_g valid * Q[index]``; ``valid`` is 0 exactly where ``g`` is
-        the student crop's own view.
-    """
-    c, b, n, g = matches.shape
-    images = torch.arange(b, device=matches.device).view(1, b, 1, 1)
-    index = teacher_row_start.view(1, 1, 1, g) + images * teacher_tokens.view(1, 1, 1, g) + matches
-    crop = torch.arange(first_crop, first_crop + c, device=matches.device).view(c, 1, 1, 1)
-    teacher = torch.arange(g, device=matches.device).view(1, 1, 1, g)
-    valid = (crop != teacher).to(torch.float32).expand(c, b, n, g)
-    del n_global  # the own view is recognised by index, whatever G is
-    return index.reshape(-1, g), valid.reshape(-1, g)
+__all__ = ["fused_prototype_cross_entropy"]
 
 
 def _chunk_log_probs(z: torch.Tensor, protos: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -190,7 +163,7 @@ def fused_prototype_cross_entropy(
             R = crops x images, each row a bag of N tokens.
         prototypes: [K, d] the region head's effective last-layer weight (``head.region_head.prototypes``).
         teacher_probs: [M, K] float32 teacher region probabilities (no gradient).
-        target_index, target_valid: [R * N, G] from `matched_target_index`.
+        target_index, target_valid: [R * N, G], the aggregated targets (`cmd.losses.functional.target_index`).
         temperature: tau_s.
         weights: [R, N] normalised multi-instance weights (rows sum to 1), or None (no bag term).
         image_log_probs: [R, K] float32 student image log-probabilities of the same rows (with ``weights``).
@@ -227,66 +200,3 @@ def fused_prototype_cross_entropy(
         embedding, prototypes, teacher_probs.detach(), target_index, target_valid.to(torch.float32),
         weights, image_log_probs, float(temperature), chunk_rows,
     )
-
-
-def fused_region_distillation(
-    student_embeddings: list[torch.Tensor],
-    student_features: list[torch.Tensor],
-    teacher_regions: list[torch.Tensor],
-    teacher_features: list[torch.Tensor],
-    layout,
-    prototypes: torch.Tensor,
-    region_center: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float,
-    *,
-    chunk_rows: int,
-    student_weights: list[torch.Tensor] | None = None,
-    image_log_probs: torch.Tensor | None = None,
-    teacher_weights: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``sum_{g, v != g} R(g, v)`` and ``sum_rows KL(b || p)`` with the student's prototype layer fused in.
-
-    The teacher side is as in `cmd.losses.region.region_distillation` (its region logits, centered
-    probabilities, argmax matching on backbone tokens); the student side goes through
-    `fused_prototype_cross_entropy`, one call per student group.
-
-    Args:
-        student_embeddings: per student group [C_s * B, N_s, d] (``region_embedding``).
-        student_features, teacher_regions, teacher_features, layout, region_center, teacher_temp,
-            student_temp: as in `region_distillation`.
-        prototypes: [K, d] the student region head's prototypes.
-        chunk_rows: crop-images per chunk.
-        student_weights: per student group [C_s * B, N_s] normalised weights (the bag term), or None.
-        image_log_probs: [V * B, K] the student's image log-probabilities (with ``student_weights``).
-        teacher_weights: per teacher group, for the teacher's bags (the ``inter_teacher`` diagnostic).
-
-    Returns:
-        ``(region_ce_sum, kl_sum, teacher_bags)``: ``region_ce_sum`` is ``sum over pairs of R(g, v)``
-        (divide by the pair count), ``kl_sum`` the bag KL summed over all V * B student rows.
-    """
-    from cmd.losses.region import teacher_region_targets
-
-    b = layout.batch_size
-    device = student_embeddings[0].device
-    teacher = teacher_region_targets(
-        teacher_regions, teacher_features, layout, region_center, teacher_temp, teacher_weights
-    )
-
-    ce_total = torch.zeros((), device=device)
-    kl_total = torch.zeros((), device=device)
-    row0 = 0
-    for s, (emb, features) in enumerate(zip(student_embeddings, student_features)):
-        index, valid = matched_target_index(
-            teacher.match(features), teacher.row_start, teacher.tokens, layout.first_student_crop(s), layout.n_global
-        )
-        rows = emb.shape[0]
-        w = student_weights[s] if student_weights is not None else None
-        lp = image_log_probs[row0 : row0 + rows] if w is not None else None
-        ce, kl = fused_prototype_cross_entropy(
-            emb, prototypes, teacher.probs, index, valid, student_temp, weights=w, image_log_probs=lp, chunk_rows=chunk_rows
-        )
-        ce_total = ce_total + ce / (b * emb.shape[1])
-        kl_total = kl_total + kl
-        row0 += rows
-    return ce_total, kl_total, teacher.bags

@@ -1,0 +1,142 @@
+"""Teacher normalisation: `Center` (DINO's centering) and `sinkhorn_knopp` (DINOv2 / SwAV).
+
+Both turn teacher logits [R, K] into target distributions in float32, without gradient, and both are
+correct under ``torch.distributed``: the statistics that span the batch are summed over processes
+through `cmd.distributed`.
+
+Example:
+    >>> import torch
+    >>> center = Center(4)
+    >>> center.softmax(torch.zeros(2, 4), temperature=0.04)
+    tensor([[0.2500, 0.2500, 0.2500, 0.2500],
+            [0.2500, 0.2500, 0.2500, 0.2500]])
+    >>> center.accumulate(torch.ones(2, 4)); center.update(); center.value
+    tensor([[0.1000, 0.1000, 0.1000, 0.1000]])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmd import distributed as dist
+
+__all__ = ["Center", "sinkhorn_knopp", "flush_subnormal_"]
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def flush_subnormal_(probs: torch.Tensor) -> torch.Tensor:
+    """Set probabilities below float32's smallest normal number (1.2e-38) to 0, in place.
+
+    The mass removed is below float32's resolution of any sum; on CPUs every later operation on
+    sub-normal numbers is tens of times slower (a sharp teacher at temperature 0.04 produces many).
+    """
+    return F.threshold_(probs, _TINY, 0.0)
+
+
+class Center(nn.Module):
+    """DINO's center: ``P = softmax((t - c) / tau)`` and ``c <- m c + (1 - m) mean(t)`` over the global batch.
+
+    ``value`` is a [1, K] float32 buffer (in ``state_dict()``). Teacher logits are first
+    *accumulated* (a running sum and row count, local to the process, no synchronisation), then
+    ``update()`` all-reduces sum and count over processes and moves the center: with gradient
+    accumulation, ``accumulate`` every micro-batch and ``update`` once per optimiser step. All
+    processes must call ``update`` together (a collective). A batch whose mean is not finite (a NaN or
+    inf teacher logit) leaves the center unchanged (checked on the device, no host synchronisation),
+    so one bad batch cannot poison every later step.
+
+    Args:
+        out_dim: K.
+        momentum: m in [0, 1].
+
+    Example:
+        >>> c = Center(3, momentum=0.5)
+        >>> c.accumulate(torch.tensor([[2.0, 0.0, 4.0]])); c.update(); c.value
+        tensor([[1., 0., 2.]])
+    """
+
+    def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
+            raise ValueError(f"out_dim must be an integer >= 1; got {out_dim!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"center_momentum must lie in [0, 1]; got {momentum!r}")
+        self.out_dim, self.momentum = out_dim, float(momentum)
+        self.register_buffer("value", torch.zeros(1, out_dim))
+        # running [sum over rows (K), row count] of logits not yet applied; not saved
+        self.register_buffer("pending", torch.zeros(out_dim + 1), persistent=False)
+
+    @torch.no_grad()
+    def log_softmax(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``log_softmax((logits - c) / tau)`` [..., K] in float32, no gradient (any input dtype)."""
+        scaled = torch.add(self.value * (-1.0 / temperature), logits.detach().float(), alpha=1.0 / temperature)
+        return torch.log_softmax(scaled, dim=-1)
+
+    @torch.no_grad()
+    def softmax(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``softmax((logits - c) / tau)`` [..., K] in float32, no gradient; sub-normal values flushed to 0."""
+        return flush_subnormal_(self.log_softmax(logits, temperature).exp_())
+
+    @torch.no_grad()
+    def accumulate(self, logits: torch.Tensor) -> None:
+        """Add the rows of ``logits`` [..., K] to the running sum and count (no synchronisation)."""
+        flat = logits.detach().reshape(-1, self.out_dim)
+        self.pending[:-1] += flat.sum(dim=0, dtype=torch.float32).to(self.pending.device)
+        self.pending[-1] += flat.shape[0]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """All-reduce the running sum and count and move the center toward the batch mean (collective)."""
+        pending = dist.all_reduce_sum(self.pending.clone())
+        count = pending[-1]
+        mean = (pending[:-1] / count.clamp_min(1.0)).unsqueeze(0)
+        ok = (count > 0) & torch.isfinite(mean).all()
+        updated = self.value * self.momentum + mean * (1.0 - self.momentum)
+        self.value.copy_(torch.where(ok, updated, self.value))
+        self.pending.zero_()
+
+    def extra_repr(self) -> str:
+        return f"out_dim={self.out_dim}, momentum={self.momentum}"
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int = 3) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp (SwAV; DINOv2's alternative to centering), over the global batch.
+
+    With ``Q = exp(logits / tau)`` as a [K, R] matrix (prototypes x samples, R the rows of all
+    processes), first scaled to total mass 1, each iteration divides every prototype row by its sum
+    over the samples times K (so each prototype holds mass 1 / K) and then every sample column by its
+    sum times R (so each sample holds 1 / R); the result is ``R * Q`` transposed, each sample a
+    distribution over the K prototypes. The sums over samples are all-reduced over processes, so
+    under DDP the result equals one process on the whole batch. ``logits / tau`` is shifted by its
+    global maximum first (a constant factor that the first normalisation removes), so logits up to
+    1e4 stay finite; a sample or prototype whose mass underflows keeps 0 (divisions are guarded).
+
+    Args:
+        logits: [R, K] teacher logits of this process (any floating dtype; rows are samples).
+        temperature: tau_t.
+        n_iterations: Sinkhorn iterations (3 in DINOv2).
+
+    Returns:
+        [R, K] float32, rows summing to 1 (after the last column normalisation).
+
+    Example:
+        >>> q = sinkhorn_knopp(torch.randn(6, 4), 0.1)
+        >>> torch.allclose(q.sum(-1), torch.ones(6))
+        True
+    """
+    if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
+        raise ValueError(f"n_iterations must be an integer >= 1; got {n_iterations!r}")
+    z = logits.detach().float().reshape(-1, logits.shape[-1]) / temperature
+    peak = z.amax().reshape(1).clone()
+    peak = dist.all_reduce_max(peak)  # one shift for every process
+    q = (z - peak).exp_().t()  # [K, R]
+    n_rows = dist.all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
+    k = q.shape[0]
+    q /= dist.all_reduce_sum(q.sum().reshape(1)).clamp_min(_TINY)
+    for _ in range(n_iterations):
+        q /= dist.all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(_TINY) * k  # prototypes: 1 / K each
+        q /= q.sum(dim=0, keepdim=True).clamp_min(_TINY) * n_rows  # samples: 1 / R each
+    return flush_subnormal_((q * n_rows).t().contiguous())
