@@ -7,7 +7,7 @@ through `cmd.distributed`.
 Example:
     >>> import torch
     >>> center = Center(4)
-    >>> center.softmax(torch.zeros(2, 4), temperature=0.04)
+    >>> center.softmax(torch.zeros(2, 4), temperature=0.04)[0]
     tensor([[0.2500, 0.2500, 0.2500, 0.2500],
             [0.2500, 0.2500, 0.2500, 0.2500]])
     >>> center.accumulate(torch.ones(2, 4)); center.update(); center.value
@@ -69,15 +69,14 @@ class Center(nn.Module):
         self.register_buffer("pending", torch.zeros(out_dim + 1), persistent=False)
 
     @torch.no_grad()
-    def log_softmax(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        """``log_softmax((logits - c) / tau)`` [..., K] in float32, no gradient (any input dtype)."""
-        scaled = torch.add(self.value * (-1.0 / temperature), logits.detach().float(), alpha=1.0 / temperature)
-        return torch.log_softmax(scaled, dim=-1)
+    def softmax(self, logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, log P)`` with ``P = softmax((logits - c) / tau)`` [..., K], float32, no gradient (any input dtype).
 
-    @torch.no_grad()
-    def softmax(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        """``softmax((logits - c) / tau)`` [..., K] in float32, no gradient; sub-normal values flushed to 0."""
-        return flush_subnormal_(self.log_softmax(logits, temperature).exp_())
+        Values of P below float32's smallest normal number are set to 0 (see `flush_subnormal_`).
+        """
+        scaled = torch.add(self.value * (-1.0 / temperature), logits.detach().float(), alpha=1.0 / temperature)
+        log_probs = torch.log_softmax(scaled, dim=-1)
+        return F.threshold_(log_probs.exp(), _TINY, 0.0), log_probs
 
     @torch.no_grad()
     def accumulate(self, logits: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -40,14 +41,13 @@ from torch import nn
 
 from cmd import distributed as dist
 from cmd.heads.output import CrossLevelOutput
-from cmd.losses.center import Center, flush_subnormal_, sinkhorn_knopp
+from cmd.losses.center import Center, sinkhorn_knopp
 from cmd.losses.functional import (
     aggregate_targets,
     bag_log_prob,
     kl_rows,
     koleo,
     match_regions,
-    no_autocast,
     normalise_weights,
     target_index,
 )
@@ -220,6 +220,22 @@ class CMDLoss(nn.Module):
         self.center = Center(out_dim, center_momentum)
         self.region_center = Center(out_dim, center_momentum)
         self.register_load_state_dict_pre_hook(_load_legacy_centers)
+        self.n_crops = n_global_crops + n_local_crops  # V
+        terms = {"image": image_weight, "region": region_weight, "inter_student": inter_weight,
+                 "cross": cross_weight, "koleo": koleo_weight}
+        #: the terms that enter the loss (weight > 0), named as in ``terms``
+        self.active_terms = tuple(name for name, w in terms.items() if w > 0)
+        bags = inter_weight > 0 or cross_weight > 0
+        fields = {"image"} | ({"tokens"} if region_weight > 0 else set()) | ({"mil_weights"} if bags else set())
+        fields |= {"pooled"} if koleo_weight > 0 else set()
+        fields |= {"region_embedding", "prototypes"} if fused_chunk_size else {"region"} if region_weight > 0 or bags else set()
+        #: the `CrossLevelOutput` fields read from the student (pass as ``head(..., outputs=...)``)
+        self.student_outputs = frozenset(fields)
+        fields = {"image"} | ({"region", "tokens"} if region_weight > 0 else set())
+        fields |= {"region", "mil_weights"} if cross_weight > 0 else {"mil_weights"} if inter_weight > 0 else set()
+        #: the fields read from the teacher (``mil_weights`` optional unless cross_weight > 0: the
+        #: ``inter_teacher`` diagnostic uses them when present)
+        self.teacher_outputs = frozenset(fields)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> CMDLoss:
@@ -234,36 +250,6 @@ class CMDLoss(nn.Module):
         if "out_dim" not in overrides:
             raise TypeError("CMDLoss.from_preset() needs out_dim=..., e.g. from_preset('cmd', out_dim=65536)")
         return cls(**{**cls.PRESETS[name], **overrides})
-
-    @property
-    def n_crops(self) -> int:
-        """V = G + L."""
-        return self.n_global_crops + self.n_local_crops
-
-    @property
-    def active_terms(self) -> tuple[str, ...]:
-        """The terms that enter the loss (weight > 0), names as in ``terms``."""
-        weights = {"image": self.image_weight, "region": self.region_weight, "inter_student": self.inter_weight,
-                   "cross": self.cross_weight, "koleo": self.koleo_weight}
-        return tuple(k for k, w in weights.items() if w > 0)
-
-    @property
-    def student_outputs(self) -> frozenset[str]:
-        """The `CrossLevelOutput` fields this loss reads from the student (``head(..., outputs=...)``)."""
-        bags = self.inter_weight > 0 or self.cross_weight > 0
-        fields = {"image"} | ({"tokens"} if self.region_weight > 0 else set())
-        fields |= {"mil_weights"} if bags else set()
-        fields |= {"pooled"} if self.koleo_weight > 0 else set()
-        if self.fused_chunk_size is not None:
-            return frozenset(fields | {"region_embedding", "prototypes"})
-        return frozenset(fields | ({"region"} if self.region_weight > 0 or bags else set()))
-
-    @property
-    def teacher_outputs(self) -> frozenset[str]:
-        """The fields read from the teacher (``mil_weights`` is optional unless cross_weight > 0)."""
-        fields = {"image"} | ({"region", "tokens"} if self.region_weight > 0 else set())
-        fields |= {"region"} if self.cross_weight > 0 else set()
-        return frozenset(fields | ({"mil_weights"} if self.inter_weight > 0 or self.cross_weight > 0 else set()))
 
     def teacher_temperature(self, epoch: int) -> float:
         """tau_t at ``epoch`` (`cmd.schedules.teacher_temperature_schedule`)."""
@@ -282,15 +268,16 @@ class CMDLoss(nn.Module):
         student, teacher, b = self._check(student, teacher)
         if (epoch is None) == (teacher_temp is None):
             raise TypeError("give exactly one of epoch (the schedule's temperature) and teacher_temp")
-        tau_t, tau_s = self.teacher_temperature(epoch) if teacher_temp is None else float(teacher_temp), self.student_temp
+        tau_t = self.temperature_schedule[epoch] if teacher_temp is None else float(teacher_temp)
+        tau_s = self.student_temp
         g, v, k = self.n_global_crops, self.n_crops, self.out_dim
         n_pairs, dev = g * (v - 1), teacher.image.device
         terms = dict.fromkeys(TERM_NAMES, torch.full((), float("nan"), device=dev))
         bags, fused = self.inter_weight > 0 or self.cross_weight > 0, self.fused_chunk_size is not None
 
-        with no_autocast(dev):
+        with torch.autocast(device_type=dev.type, enabled=False):  # float32 throughout
             # image level: P_g [G * B, K]; log p_v [V * B, K]; aggregated targets T_v = sum_{g != v} P_g
-            log_p = torch.log_softmax(torch.cat([o.image for o in student]).float() / tau_s, dim=-1)
+            log_p = torch.log_softmax(torch.cat(list(map(attrgetter("image"), student))).float() / tau_s, dim=-1)
             probs, log_probs = self._teacher_probs(teacher.image, self.center, tau_t)
             image_index = target_index(torch.zeros(v, b, 1, g, dtype=torch.long, device=dev), 0, b, 1)
             image_target = aggregate_targets(probs, *image_index)
@@ -362,32 +349,38 @@ class CMDLoss(nn.Module):
 
         if update_centers:
             self.update_centers(teacher)
-        return CMDLossOutput(loss=loss, terms={name: t.detach() for name, t in terms.items()})
+        for name in TERM_NAMES:
+            terms[name] = terms[name].detach()
+        return CMDLossOutput(loss=loss, terms=terms)
 
     def _teacher_probs(self, logits: torch.Tensor, center: Center, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher ``(P, log P)`` [R, K] float32 by centering or Sinkhorn-Knopp (log P finite: >= log tiny)."""
         if self.centering == "sinkhorn":
             probs = sinkhorn_knopp(logits, tau, self.sinkhorn_iterations)
             return probs, probs.clamp_min(_TINY).log()
-        log_probs = center.log_softmax(logits, tau)
-        return flush_subnormal_(log_probs.exp()), log_probs
+        return center.softmax(logits, tau)
 
     def accumulate_centers(self, teacher: CrossLevelOutput | Sequence[CrossLevelOutput]) -> None:
         """Add the teacher's image (and region, when present) logits to the running sums (no sync)."""
-        for o in [teacher] if isinstance(teacher, CrossLevelOutput) else teacher:
-            self.center.accumulate(o.image)
-            if o.region is not None:
-                self.region_center.accumulate(o.region)
+        self.update_centers(teacher, apply=False)
 
-    def update_centers(self, teacher: CrossLevelOutput | Sequence[CrossLevelOutput] | None = None) -> None:
-        """Accumulate ``teacher`` (if given), then apply the pending update of both centers (collective).
+    def update_centers(
+        self, teacher: CrossLevelOutput | Sequence[CrossLevelOutput] | None = None, *, apply: bool = True
+    ) -> None:
+        """Accumulate ``teacher`` (if given), then apply the pending update of both centers (a collective).
 
-        With ``centering="sinkhorn"`` the centers are not used and nothing happens.
+        With gradient accumulation: ``forward(..., update_centers=False)`` and ``accumulate_centers``
+        per micro-batch, ``update_centers()`` once per step. With ``centering="sinkhorn"`` the centers
+        are not used and nothing happens.
         """
         if self.centering == "sinkhorn":
             return
-        if teacher is not None:
-            self.accumulate_centers(teacher)
+        for o in [teacher] if isinstance(teacher, CrossLevelOutput) else teacher or []:
+            self.center.accumulate(o.image)
+            if o.region is not None:
+                self.region_center.accumulate(o.region)
+        if not apply:
+            return
         self.center.update()
         self.region_center.update()
 
@@ -399,7 +392,7 @@ class CMDLoss(nn.Module):
             raise TypeError("teacher must be one CrossLevelOutput of the G global crops (or a sequence of one); "
                             f"got {type(teacher).__name__}{f' of {len(teacher)}' if isinstance(teacher, Sequence) else ''}")
         student = [student] if isinstance(student, CrossLevelOutput) else student
-        if not (isinstance(student, Sequence) and student and all(isinstance(o, CrossLevelOutput) for o in student)):
+        if not (isinstance(student, Sequence) and student and isinstance(student[0], CrossLevelOutput)):
             raise TypeError(f"student must be a CrossLevelOutput or a non-empty sequence of them; got {type(student).__name__}")
         g, v, k = self.n_global_crops, self.n_crops, self.out_dim
         rows_t = _check_shape("teacher.image", teacher.image, (None, k), f"([{g} crops x images, out_dim={k}])")[0]
@@ -407,8 +400,12 @@ class CMDLoss(nn.Module):
             raise ValueError(f"teacher outputs must hold {g} global crops x B images (crop-major), a positive "
                              f"multiple of {g} rows; got {rows_t} rows")
         b = rows_t // g
-        rows = [_check_shape(f"student[{i}].image", o.image, (None, k), "")[0] for i, o in enumerate(student)]
-        if sum(rows) != v * b or any(r == 0 or r % b for r in rows):
+        rows = []
+        for i, o in enumerate(student):
+            if not isinstance(o, CrossLevelOutput):
+                raise TypeError(f"student[{i}] must be a CrossLevelOutput; got {type(o).__name__}")
+            rows.append(_check_shape(f"student[{i}].image", o.image, (None, k), "")[0])
+        if sum(rows) != v * b or min(rows) == 0 or sum(map(b.__rmod__, rows)):
             raise ValueError(f"student outputs must hold {v} crops x B={b} images = {v * b} rows (B from the teacher's "
                              f"{rows_t} rows / {g} global crops), each group whole crops; got {sum(rows)} rows in {rows}")
         if rows[0] < g * b:
@@ -417,8 +414,8 @@ class CMDLoss(nn.Module):
         d = teacher.tokens.shape[-1] if teacher.tokens is not None and teacher.tokens.dim() == 3 else None
         need_t = self.teacher_outputs - ({"mil_weights"} if self.cross_weight == 0 else set())
         need_t |= {"mil_weights"} if teacher.mil_weights is not None and teacher.region is not None else set()
-        roles = [("teacher", teacher, need_t)] + [(f"student[{i}]", o, self.student_outputs) for i, o in enumerate(student)]
-        for name, o, need in roles:
+        for i, o in enumerate([teacher, *student]):
+            name, need = ("teacher", need_t) if i == 0 else (f"student[{i - 1}]", self.student_outputs)
             r, n = o.image.shape[0], o.num_tokens
             e = o.region_embedding.shape[-1] if o.region_embedding is not None else None
             shapes = {"region": ((r, n, k), f"([{r // b} crops x {b} images, tokens, out_dim={k}])"),
@@ -464,7 +461,10 @@ def _check_shape(name: str, tensor: object, expected: Sequence[int | None], mean
         raise TypeError(f"{name} must be a torch.Tensor {meaning}; got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor; got dtype {tensor.dtype}")
-    if tensor.dim() != len(expected) or any(e is not None and s != e for s, e in zip(tensor.shape, expected)):
+    bad = tensor.dim() != len(expected)
+    for size, e in zip(tensor.shape, expected):
+        bad = bad or (e is not None and size != e)
+    if bad:
         want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
         raise ValueError(f"{name} must have shape {want} {meaning}; got {list(tensor.shape)}")
     return tensor.shape
