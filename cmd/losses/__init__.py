@@ -18,13 +18,4 @@ from cmd.losses.cmd import TERM_NAMES, CMDLoss, CMDLossOutput, diagnose_collapse
 from cmd.losses.dino import DINOLoss
 from cmd.losses.functional import koleo
 
-__all__ = [
-    "CMDLoss",
-    "CMDLossOutput",
-    "DINOLoss",
-    "Center",
-    "sinkhorn_knopp",
-    "koleo",
-    "diagnose_collapse",
-    "TERM_NAMES",
-]
+__all__ = ["CMDLoss", "CMDLossOutput", "DINOLoss", "Center", "sinkhorn_knopp", "koleo", "diagnose_collapse", "TERM_NAMES"]

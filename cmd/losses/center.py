@@ -3,15 +3,6 @@
 Both turn teacher logits [R, K] into target distributions in float32, without gradient, and both are
 correct under ``torch.distributed``: the statistics that span the batch are summed over processes
 through `cmd.distributed`.
-
-Example:
-    >>> import torch
-    >>> center = Center(4)
-    >>> center.softmax(torch.zeros(2, 4), temperature=0.04)[0]
-    tensor([[0.2500, 0.2500, 0.2500, 0.2500],
-            [0.2500, 0.2500, 0.2500, 0.2500]])
-    >>> center.accumulate(torch.ones(2, 4)); center.update(); center.value
-    tensor([[0.1000, 0.1000, 0.1000, 0.1000]])
 """
 
 from __future__ import annotations
@@ -47,14 +38,12 @@ class Center(nn.Module):
     inf teacher logit) leaves the center unchanged (checked on the device, no host synchronisation),
     so one bad batch cannot poison every later step.
 
-    Args:
-        out_dim: K.
-        momentum: m in [0, 1].
-
     Example:
         >>> c = Center(3, momentum=0.5)
         >>> c.accumulate(torch.tensor([[2.0, 0.0, 4.0]])); c.update(); c.value
         tensor([[1., 0., 2.]])
+        >>> c.softmax(torch.tensor([[1.0, 0.0, 2.0]]), temperature=1.0)[0]
+        tensor([[0.3333, 0.3333, 0.3333]])
     """
 
     def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
@@ -113,13 +102,8 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int =
     global maximum first (a constant factor that the first normalisation removes), so logits up to
     1e4 stay finite; a sample or prototype whose mass underflows keeps 0 (divisions are guarded).
 
-    Args:
-        logits: [R, K] teacher logits of this process (any floating dtype; rows are samples).
-        temperature: tau_t.
-        n_iterations: Sinkhorn iterations (3 in DINOv2).
-
-    Returns:
-        [R, K] float32, rows summing to 1 (after the last column normalisation).
+    ``logits`` [R, K] of this process (any dtype) give [R, K] float32 rows summing to 1 (3 iterations
+    in DINOv2).
 
     Example:
         >>> q = sinkhorn_knopp(torch.randn(6, 4), 0.1)

@@ -1,7 +1,6 @@
 """The Cross-level Multi-instance Distillation (CMD) loss and its presets ("dino", "esvit", "cmd").
 
-Each crop is a *bag* whose *instances* are its region tokens. With multi-instance weights
-``w_v,j >= 0`` (``sum_j w_v,j = 1``) the bags are mixtures of the region distributions:
+Each crop is a *bag* of its region tokens; with MIL weights ``w`` (rows sum to 1) the bags are mixtures:
 student ``log b_v = logsumexp_j(log w_v,j + log q_v,j)``, teacher ``beta_g = sum_i w_g,i Q_g,i``.
 For teacher crop g and student crop v != g (``G (V - 1)`` pairs):
 
@@ -14,26 +13,15 @@ For teacher crop g and student crop v != g (``G (V - 1)`` pairs):
 ``L = mean_pairs[lambda_I I + lambda_R R + lambda_X X] + lambda_S mean_v S (+ lambda_K KoLeo)``, every H
 and KL averaged over the batch. The cross-entropy is linear in its target, so the targets of the
 teacher crops ``g != v`` are summed first (`target_index`): one log-softmax and one cross-entropy
-per student crop or region, the teacher's softmax once.
-
-Example:
-    >>> import torch
-    >>> B, K, D = 2, 16, 8
-    >>> def out(crops, n):
-    ...     return CrossLevelOutput(torch.randn(crops * B, K), torch.randn(crops * B, n, K),
-    ...                             torch.randn(crops * B, n, D), torch.full((crops * B, n), 1 / n))
-    >>> loss_fn = CMDLoss.from_preset("cmd", out_dim=K, n_local_crops=3)
-    >>> result = loss_fn([out(2, 4), out(3, 1)], out(2, 4), epoch=0)
-    >>> sorted(result.terms)[:3], result.loss.dim()
-    (['cross', 'image', 'inter_student'], 0)
+per student crop or region, the teacher's softmax once. Examples: `CMDLoss`, ``docs/blocks/losses.md``.
 """
 
 from __future__ import annotations
 
 import math
-from operator import attrgetter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import ClassVar, Literal
 
 import torch
@@ -42,7 +30,7 @@ from torch import nn
 from cmd import distributed as dist
 from cmd.heads.output import CrossLevelOutput
 from cmd.losses.center import Center, sinkhorn_knopp
-from cmd.losses.functional import (
+from cmd.losses.functional import (  # fmt: skip
     aggregate_targets,
     bag_log_prob,
     kl_rows,
@@ -62,22 +50,23 @@ TERM_NAMES = (
     "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy", "teacher_student_kl",
 )  # fmt: skip
 _TINY = torch.finfo(torch.float32).tiny
+Teacher = CrossLevelOutput | torch.Tensor | Sequence[CrossLevelOutput | torch.Tensor]
+_WHY = {"tokens": "region_weight > 0 (matching)", "region": "region_weight > 0 or inter/cross_weight > 0",
+        "mil_weights": "inter_weight > 0 or cross_weight > 0 (the bags)", "pooled": "koleo_weight > 0",
+        "region_embedding": "the fused region path (fused_chunk_size)", "image": "every preset",
+        "prototypes": "the fused region path (fused_chunk_size)"}  # fmt: skip
 
 
 @dataclass
 class CMDLossOutput:
-    """The CMD loss and its components.
+    """``loss``: 0-dim float32, the weighted total. ``terms``: detached 0-dim tensors, made without a host sync.
 
-    Attributes:
-        loss: 0-dim float32, the weighted total to back-propagate.
-        terms: detached 0-dim tensors (no host synchronisation was needed to make them), NaN where not
-            computed (weight 0, or the outputs it needs are absent): ``image``, ``region``, ``cross``
-            (means over pairs of I, R, X); ``inter_student`` (mean over crops of S); ``koleo``;
-            ``inter_teacher`` (mean of T, never in the loss). Collapse signals (see
-            `diagnose_collapse`): ``teacher_entropy`` mean entropy of the teacher's image distributions
-            ``H(P_t)``; ``teacher_batch_entropy`` entropy of their mean over the global batch
-            ``H(mean_b P_t)`` (all-reduced over processes); ``teacher_region_entropy`` ``H(Q)`` averaged
-            over all teacher regions; ``teacher_student_kl`` mean over pairs of ``KL(P_g || p_v)``.
+    NaN where not computed (weight 0, or outputs absent): ``image``, ``region``, ``cross`` (means over
+    pairs of I, R, X), ``inter_student`` (mean of S), ``koleo``, ``inter_teacher`` (mean of T, a
+    diagnostic). Collapse signals (`diagnose_collapse`): ``teacher_entropy`` = mean ``H(P_t)``;
+    ``teacher_batch_entropy`` = ``H(mean_b P_t)`` over the global batch (all-reduced);
+    ``teacher_region_entropy`` = mean ``H(Q)`` over teacher regions; ``teacher_student_kl`` = mean
+    over pairs of ``KL(P_g || p_v)``.
     """
 
     loss: torch.Tensor
@@ -87,17 +76,11 @@ class CMDLossOutput:
 def diagnose_collapse(
     teacher_entropy: float, teacher_batch_entropy: float, out_dim: int, *, tolerance: float = 0.1
 ) -> Literal["uniform", "one_hot"] | None:
-    """Name the teacher's collapse from its entropies, or None when they look healthy.
+    """The teacher's collapse from its entropies (nats, ``CMDLossOutput.terms``), or None when healthy.
 
-    - ``"uniform"``: every sample's distribution is near uniform: ``H(P_t) >= (1 - tolerance) log K``
-      (then ``H(mean P_t)`` is too).
-    - ``"one_hot"``: every sample puts its mass on the same prototype: ``H(mean_b P_t) <= tolerance log K``
-      (then ``H(P_t)`` is small too).
-    - None: healthy training has a low per-sample and a high batch-mean entropy.
-
-    Args:
-        teacher_entropy, teacher_batch_entropy: the terms of `CMDLossOutput` (floats, nats).
-        out_dim: K. tolerance: the fraction of ``log K`` that counts as "near".
+    ``"uniform"``: per-sample entropy ``H(P_t) >= (1 - tolerance) log K`` (then the batch-mean one is
+    too); ``"one_hot"``: batch-mean entropy ``H(mean_b P_t) <= tolerance log K`` (every sample on the
+    same few prototypes); healthy training has a low per-sample and a high batch-mean entropy.
 
     Example:
         >>> import math
@@ -108,54 +91,49 @@ def diagnose_collapse(
     """
     if out_dim < 2 or not 0 < tolerance < 0.5:
         raise ValueError(f"need out_dim >= 2 and 0 < tolerance < 0.5; got {out_dim}, {tolerance}")
-    log_k = math.log(out_dim)
-    if teacher_entropy >= (1 - tolerance) * log_k:
+    if teacher_entropy >= (1 - tolerance) * math.log(out_dim):
         return "uniform"
-    if teacher_batch_entropy <= tolerance * log_k:
-        return "one_hot"
-    return None
+    return "one_hot" if teacher_batch_entropy <= tolerance * math.log(out_dim) else None
 
 
 class CMDLoss(nn.Module):
     """Cross-level multi-instance distillation loss over multi-crop student and teacher outputs.
 
     Args:
-        out_dim: K.
-        n_global_crops: G, the teacher's crops: the first G student crops, in the same order.
-        n_local_crops: L, the student's further crops (V = G + L).
+        out_dim: K. n_global_crops: G (the first G student crops, in order). n_local_crops: L (V = G + L).
         warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the teacher temperature
-            (`cmd.schedules.teacher_temperature_schedule`, DINO's).
-        student_temp: tau_s.
+            (`cmd.schedules.teacher_temperature_schedule`, DINO's). student_temp: tau_s.
         center_momentum: m of both `Center` modules (``center`` image, ``region_center`` region).
         image_weight, region_weight, inter_weight, cross_weight: lambda_I, lambda_R, lambda_S, lambda_X.
         koleo_weight: DINOv2's KoLeo term on the student's ``pooled`` image vectors of each global crop
             (the nearest neighbour within this process's batch, as DINOv2 does); 0 = off.
-        centering: ``"center"`` (DINO) or ``"sinkhorn"`` (DINOv2 / SwAV: `sinkhorn_knopp` over the
-            global batch, for the image and the region level; the centers are then neither used nor
-            updated).
-        sinkhorn_iterations: n of Sinkhorn-Knopp.
+        centering, sinkhorn_iterations: ``"center"`` (DINO) or ``"sinkhorn"`` (DINOv2 / SwAV: `sinkhorn_knopp`
+            over the global batch at both levels; the centers are then neither used nor updated).
         validate: check every input for NaN / inf (the fused path's prototypes included) and the MIL
             weights for validity (synchronises with the device).
-        fused_chunk_size: None: the student's ``region`` logits. An int: the fused region path
-            (`cmd.losses.fused`): student groups carry ``region_embedding`` and ``prototypes`` (the
-            head's ``outputs=loss.student_outputs`` does that), the prototype layer, log-softmax,
-            cross-entropy and bags run over chunks of this many crop-images. Needs lambda_R > 0, lambda_X = 0.
+        fused_chunk_size: None, or the fused region path (`cmd.losses.fused`, lambda_R > 0, lambda_X = 0):
+            students give ``region_embedding`` + ``prototypes`` and the prototype layer, log-softmax,
+            cross-entropy and bags run over chunks of this many crop-images.
 
-    ``forward(student, teacher, epoch=None, *, teacher_temp=None, update_centers=True)``:
-        student: `CrossLevelOutput` groups (a sequence, crop-major), the first starting with the G
-            global crops: ``image`` [C_s * B, K], ``region`` [C_s * B, N_s, K], ``tokens``
-            [C_s * B, N_s, D], ``mil_weights`` [C_s * B, N_s], ... as ``student_outputs`` lists.
-        teacher: one `CrossLevelOutput` (or a sequence of one) of the G global crops [G * B, ...]:
-            ``teacher_outputs``.
-        epoch (the temperature of the schedule) or ``teacher_temp`` (a float).
-        Returns `CMDLossOutput`, then (by default) updates the centers. Under torch.distributed
-        forward is a collective (the batch entropy, Sinkhorn-Knopp and the center update all-reduce).
+    Attributes ``student_outputs`` / ``teacher_outputs``: the `CrossLevelOutput` fields the loss reads
+    (pass them as ``network(crops, outputs=...)``); ``active_terms``: the terms with weight > 0.
+
+    ``forward(student, teacher, epoch=None, *, teacher_temp=None, update_centers=True)``: ``student``
+    `CrossLevelOutput` groups (crop-major, the first starting with the G global crops: ``image``
+    [C_s * B, K], ``region`` [C_s * B, N_s, K], ``tokens`` [C_s * B, N_s, D], ``mil_weights``
+    [C_s * B, N_s], ...); ``teacher`` one output of the G global crops [G * B, ...]; the schedule's
+    ``epoch`` or an explicit ``teacher_temp``. Returns `CMDLossOutput`, then updates the centers.
+    Under torch.distributed forward is a collective (batch entropy, Sinkhorn-Knopp, centers).
 
     Example:
-        >>> loss_fn = CMDLoss.from_preset("dino", out_dim=8, n_local_crops=1)
-        >>> s, t = CrossLevelOutput(torch.randn(3 * 2, 8)), CrossLevelOutput(torch.randn(2 * 2, 8))
-        >>> sorted(loss_fn.student_outputs), bool(torch.isnan(loss_fn([s], t, epoch=0).terms["region"]))
-        (['image'], True)
+        >>> B, K, D = 2, 16, 8
+        >>> def out(crops, n):
+        ...     return CrossLevelOutput(torch.randn(crops * B, K), torch.randn(crops * B, n, K),
+        ...                             torch.randn(crops * B, n, D), torch.full((crops * B, n), 1 / n))
+        >>> loss_fn = CMDLoss.from_preset("cmd", out_dim=K, n_local_crops=3)
+        >>> result = loss_fn([out(2, 4), out(3, 1)], out(2, 4), epoch=0)
+        >>> sorted(loss_fn.student_outputs), result.loss.dim(), bool(torch.isnan(result.terms["cross"]))
+        (['image', 'mil_weights', 'region', 'tokens'], 0, True)
     """
 
     PRESETS: ClassVar[dict[str, dict[str, float]]] = {
@@ -164,29 +142,17 @@ class CMDLoss(nn.Module):
         "cmd": {"image_weight": 0.5, "region_weight": 0.5, "inter_weight": 0.1, "cross_weight": 0.0},
     }
 
-    def __init__(
-        self,
-        out_dim: int,
-        *,
-        n_global_crops: int = 2,
-        n_local_crops: int = 8,
-        warmup_teacher_temp: float = 0.04,
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp_epochs: int = 30,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        image_weight: float = 0.5,
-        region_weight: float = 0.5,
-        inter_weight: float = 0.1,
-        cross_weight: float = 0.0,
-        koleo_weight: float = 0.0,
-        centering: Literal["center", "sinkhorn"] = "center",
-        sinkhorn_iterations: int = 3,
-        validate: bool = False,
-        fused_chunk_size: int | None = None,
+    def __init__(  # fmt: skip
+        self, out_dim: int, *, n_global_crops: int = 2, n_local_crops: int = 8,
+        warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07, warmup_teacher_temp_epochs: int = 30,
+        student_temp: float = 0.1, center_momentum: float = 0.9, image_weight: float = 0.5,
+        region_weight: float = 0.5, inter_weight: float = 0.1, cross_weight: float = 0.0, koleo_weight: float = 0.0,
+        centering: Literal["center", "sinkhorn"] = "center", sinkhorn_iterations: int = 3,
+        validate: bool = False, fused_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value, low in (("n_global_crops", n_global_crops, 1), ("n_local_crops", n_local_crops, 0)):
+        for name, value, low in (("n_global_crops", n_global_crops, 1), ("n_local_crops", n_local_crops, 0),
+                                 ("out_dim", out_dim, 2), ("sinkhorn_iterations", sinkhorn_iterations, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
         if n_global_crops + n_local_crops < 2:
@@ -202,16 +168,12 @@ class CMDLoss(nn.Module):
             raise ValueError(f"no active term: at least one of {sorted(weights)} must be > 0")
         if centering not in ("center", "sinkhorn"):
             raise ValueError(f"centering must be 'center' or 'sinkhorn'; got {centering!r}")
-        if fused_chunk_size is not None:
-            if isinstance(fused_chunk_size, bool) or not isinstance(fused_chunk_size, int) or fused_chunk_size < 1:
-                raise ValueError(f"fused_chunk_size must be None or a positive int; got {fused_chunk_size!r}")
-            if region_weight == 0 or cross_weight > 0:
-                raise ValueError(f"fused_chunk_size needs region_weight > 0 and cross_weight == 0; got "
-                                 f"region_weight={region_weight}, cross_weight={cross_weight}")
+        if fused_chunk_size is not None and (isinstance(fused_chunk_size, bool) or not isinstance(fused_chunk_size, int)
+                                             or fused_chunk_size < 1 or region_weight == 0 or cross_weight > 0):
+            raise ValueError(f"fused_chunk_size must be None or a positive int, with region_weight > 0 and cross_weight "
+                             f"== 0; got {fused_chunk_size!r}, region_weight={region_weight}, cross_weight={cross_weight}")
         self.out_dim, self.n_global_crops, self.n_local_crops = out_dim, n_global_crops, n_local_crops
-        self.temperature_schedule = teacher_temperature_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs
-        )
+        self.temperature_schedule = teacher_temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
         self.student_temp = float(student_temp)
         self.image_weight, self.region_weight = float(image_weight), float(region_weight)
         self.inter_weight, self.cross_weight, self.koleo_weight = float(inter_weight), float(cross_weight), float(koleo_weight)
@@ -223,18 +185,14 @@ class CMDLoss(nn.Module):
         self.n_crops = n_global_crops + n_local_crops  # V
         terms = {"image": image_weight, "region": region_weight, "inter_student": inter_weight,
                  "cross": cross_weight, "koleo": koleo_weight}
-        #: the terms that enter the loss (weight > 0), named as in ``terms``
         self.active_terms = tuple(name for name, w in terms.items() if w > 0)
         bags = inter_weight > 0 or cross_weight > 0
         fields = {"image"} | ({"tokens"} if region_weight > 0 else set()) | ({"mil_weights"} if bags else set())
         fields |= {"pooled"} if koleo_weight > 0 else set()
         fields |= {"region_embedding", "prototypes"} if fused_chunk_size else {"region"} if region_weight > 0 or bags else set()
-        #: the `CrossLevelOutput` fields read from the student (pass as ``head(..., outputs=...)``)
         self.student_outputs = frozenset(fields)
         fields = {"image"} | ({"region", "tokens"} if region_weight > 0 else set())
         fields |= {"region", "mil_weights"} if cross_weight > 0 else {"mil_weights"} if inter_weight > 0 else set()
-        #: the fields read from the teacher (``mil_weights`` optional unless cross_weight > 0: the
-        #: ``inter_teacher`` diagnostic uses them when present)
         self.teacher_outputs = frozenset(fields)
 
     @classmethod
@@ -255,14 +213,9 @@ class CMDLoss(nn.Module):
         """tau_t at ``epoch`` (`cmd.schedules.teacher_temperature_schedule`)."""
         return self.temperature_schedule[epoch]
 
-    def forward(
-        self,
-        student: CrossLevelOutput | Sequence[CrossLevelOutput],
-        teacher: CrossLevelOutput | Sequence[CrossLevelOutput],
-        epoch: int | None = None,
-        *,
-        teacher_temp: float | None = None,
-        update_centers: bool = True,
+    def forward(  # fmt: skip
+        self, student: CrossLevelOutput | Sequence[CrossLevelOutput], teacher: CrossLevelOutput | Sequence[CrossLevelOutput],
+        epoch: int | None = None, *, teacher_temp: float | None = None, update_centers: bool = True,
     ) -> CMDLossOutput:
         """The loss and its terms; then, by default, the update of both centers."""
         student, teacher, b = self._check(student, teacher)
@@ -360,13 +313,11 @@ class CMDLoss(nn.Module):
             return probs, probs.clamp_min(_TINY).log()
         return center.softmax(logits, tau)
 
-    def accumulate_centers(self, teacher: CrossLevelOutput | Sequence[CrossLevelOutput]) -> None:
-        """Add the teacher's image (and region, when present) logits to the running sums (no sync)."""
+    def accumulate_centers(self, teacher: Teacher) -> None:
+        """Add the teacher's image (and region) logits to the running sums (no sync); a tensor is image logits."""
         self.update_centers(teacher, apply=False)
 
-    def update_centers(
-        self, teacher: CrossLevelOutput | Sequence[CrossLevelOutput] | None = None, *, apply: bool = True
-    ) -> None:
+    def update_centers(self, teacher: Teacher | None = None, *, apply: bool = True) -> None:
         """Accumulate ``teacher`` (if given), then apply the pending update of both centers (a collective).
 
         With gradient accumulation: ``forward(..., update_centers=False)`` and ``accumulate_centers``
@@ -375,9 +326,9 @@ class CMDLoss(nn.Module):
         """
         if self.centering == "sinkhorn":
             return
-        for o in [teacher] if isinstance(teacher, CrossLevelOutput) else teacher or []:
-            self.center.accumulate(o.image)
-            if o.region is not None:
+        for o in [teacher] if isinstance(teacher, (CrossLevelOutput, torch.Tensor)) else teacher or []:
+            self.center.accumulate(o.image if isinstance(o, CrossLevelOutput) else o)
+            if getattr(o, "region", None) is not None:
                 self.region_center.accumulate(o.region)
         if not apply:
             return
@@ -424,7 +375,7 @@ class CMDLoss(nn.Module):
                       "image": ((r, k), ""), "prototypes": ((k, e), f"([out_dim={k}, bottleneck={e}])")}  # fmt: skip
             for f in sorted(need):
                 if getattr(o, f) is None:
-                    raise ValueError(f"{name}.{f} is None, but {self._why(f)} needs it")
+                    raise ValueError(f"{name}.{f} is None, but {_WHY[f]} needs it")
                 _check_shape(f"{name}.{f}", getattr(o, f), *shapes[f])
                 if self.validate and not bool(torch.isfinite(getattr(o, f)).all()):
                     bad = int((~torch.isfinite(getattr(o, f))).sum())
@@ -435,24 +386,9 @@ class CMDLoss(nn.Module):
                     raise ValueError(f"{name}.mil_weights rows must sum to 1 with no negative weight (multi-instance weights)")
         return list(student), teacher, b
 
-    def _why(self, f: str) -> str:
-        """Which setting needs output field ``f`` (for error messages)."""
-        if f in ("tokens", "region") and self.region_weight > 0:
-            return "region_weight > 0 (the region-level term)"
-        if f in ("region_embedding", "prototypes"):
-            return "the fused region path (fused_chunk_size)"
-        if f == "pooled":
-            return "koleo_weight > 0"
-        return "inter_weight > 0 (the student's bag of regions)" if self.inter_weight > 0 else "cross_weight > 0"
-
     def extra_repr(self) -> str:
-        return (
-            f"out_dim={self.out_dim}, crops={self.n_global_crops}+{self.n_local_crops}, "
-            f"teacher_temp={self.temperature_schedule[0]}->{self.temperature_schedule[10**9]} over "
-            f"{len(self.temperature_schedule) - 1} epochs, student_temp={self.student_temp}, centering={self.centering}, "
-            f"weights(I={self.image_weight}, R={self.region_weight}, S={self.inter_weight}, X={self.cross_weight}, "
-            f"KoLeo={self.koleo_weight})" + (f", fused_chunk_size={self.fused_chunk_size}" if self.fused_chunk_size else "")
-        )
+        return (f"out_dim={self.out_dim}, crops={self.n_global_crops}+{self.n_local_crops}, centering={self.centering}, "
+                f"terms={self.active_terms}, fused_chunk_size={self.fused_chunk_size}")
 
 
 def _check_shape(name: str, tensor: object, expected: Sequence[int | None], meaning: str) -> torch.Size:

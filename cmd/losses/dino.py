@@ -28,14 +28,8 @@ class DINOLoss(CMDLoss):
     ``forward(student_output, teacher_output, epoch) -> loss``. The center is ``center``
     (a `Center`, its buffer ``center.value`` [1, K]), updated after the loss by default.
 
-    Args:
-        out_dim, n_global_crops, n_local_crops, warmup_teacher_temp, teacher_temp,
-        warmup_teacher_temp_epochs, student_temp, center_momentum, centering, validate: as in `CMDLoss`.
-
-    Shapes:
-        student_output: [V * B, K] crop-major (or a sequence of groups [C_s * B, K]).
-        teacher_output: [G * B, K] crop-major (or a sequence of groups, concatenated).
-        output: 0-dim float32.
+    Arguments as in `CMDLoss`. Shapes: ``student_output`` [V * B, K] crop-major (or a sequence of
+    groups [C_s * B, K]); ``teacher_output`` [G * B, K] (or groups, concatenated); output 0-dim float32.
 
     Example:
         >>> loss_fn = DINOLoss(out_dim=16, n_global_crops=1, n_local_crops=2)
@@ -47,32 +41,14 @@ class DINOLoss(CMDLoss):
         super().__init__(out_dim, n_global_crops=n_global_crops, n_local_crops=n_local_crops,
                          **{**CMDLoss.PRESETS["dino"], **kwargs})
 
-    def forward(  # type: ignore[override]
-        self,
-        student_output: torch.Tensor | Sequence[torch.Tensor],
-        teacher_output: torch.Tensor | Sequence[torch.Tensor],
-        epoch: int | None = None,
-        *,
-        teacher_temp: float | None = None,
-        update_centers: bool = True,
+    def forward(  # type: ignore[override]  # fmt: skip
+        self, student_output: torch.Tensor | Sequence[torch.Tensor], teacher_output: torch.Tensor | Sequence[torch.Tensor],
+        epoch: int | None = None, *, teacher_temp: float | None = None, update_centers: bool = True,
     ) -> torch.Tensor:
         """The loss (a 0-dim float32 tensor); then, by default, the center update."""
         student = [CrossLevelOutput(t) for t in _tensors("student_output", student_output)]
         teacher = CrossLevelOutput(torch.cat(_tensors("teacher_output", teacher_output)))
         return super().forward(student, teacher, epoch, teacher_temp=teacher_temp, update_centers=update_centers).loss
-
-    def accumulate_centers(self, teacher_output: torch.Tensor | Sequence[torch.Tensor]) -> None:  # type: ignore[override]
-        """Add teacher logits [G * B, K] to the running sum of the next center update (no sync)."""
-        for t in _tensors("teacher_output", teacher_output):
-            self.center.accumulate(t)
-
-    def update_centers(self, teacher_output: torch.Tensor | Sequence[torch.Tensor] | None = None) -> None:  # type: ignore[override]
-        """Accumulate ``teacher_output`` (if given), then apply the pending center update (collective)."""
-        if teacher_output is not None and self.centering == "center":
-            tensors = teacher_output.image if isinstance(teacher_output, CrossLevelOutput) else teacher_output
-            self.accumulate_centers(tensors)
-        if self.centering == "center":
-            self.center.update()
 
 
 def _tensors(name: str, value: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -16,31 +16,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "no_autocast",
-    "target_index",
-    "aggregate_targets",
-    "match_regions",
-    "normalise_weights",
-    "bag_log_prob",
-    "kl_rows",
-    "koleo",
-]
+__all__ = ["target_index", "aggregate_targets", "match_regions", "normalise_weights", "bag_log_prob", "kl_rows", "koleo"]
 
 _TINY = torch.finfo(torch.float32).tiny
-
-
-@contextlib.contextmanager
-def no_autocast(device: torch.device) -> Iterator[None]:
-    """Disable autocast on ``device``'s type (the losses control their precision themselves)."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
 
 
 def target_index(matches: torch.Tensor, first_crop: int, batch_size: int, teacher_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,14 +63,9 @@ def match_regions(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, ba
     ``m_g(j) = argmax_i cos(F_v,j, F'_g,i)`` on backbone tokens, no gradient. The student token's norm
     does not change the argmax over i, so only the teacher tokens are normalised.
 
-    Args:
-        student_tokens: [C * B, N_s, D] of C student crops (crop-major).
-        teacher_tokens: [G * B, N_t, D] of G teacher crops (crop-major).
-        batch_size: B.
-
-    Returns:
-        ``(matches [C, B, N_s, G] long, finite)``: ``finite`` a 0-dim bool, False when a similarity is
-        NaN or inf (non-finite tokens), for the caller to make its term NaN rather than silently finite.
+    ``student_tokens`` [C * B, N_s, D] and ``teacher_tokens`` [G * B, N_t, D] (crop-major) give
+    ``(matches [C, B, N_s, G] long, finite)``: ``finite`` a 0-dim bool, False when a similarity is not
+    finite (NaN / inf tokens), for the caller to make its term NaN rather than silently finite.
 
     Example:
         >>> m, ok = match_regions(torch.randn(2 * 3, 4, 8), torch.randn(1 * 3, 5, 8), 3)
@@ -142,16 +118,9 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def koleo(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """DINOv2's KoLeo regulariser: ``-mean_i log(min_{j != i} ||x_i - x_j||_2 + eps)`` of unit vectors.
 
-    The rows are L2-normalised first; the nearest neighbour is found without gradient and the
-    distance recomputed differentiably (``sqrt(||x_i - x_nn||^2 + tiny)``, so duplicates give a
-    finite value ``-log(eps)`` and a finite gradient). Spreads the embeddings of a batch apart.
-
-    Args:
-        embeddings: [R, D], R >= 2 (float32 math whatever the dtype).
-        eps: added to each distance inside the log.
-
-    Returns:
-        0-dim float32.
+    ``embeddings`` [R >= 2, D] are L2-normalised (float32); the nearest neighbour is found without
+    gradient and the distance recomputed as ``sqrt(||x_i - x_nn||^2 + tiny)``, so duplicates give the
+    finite ``-log(eps)`` with a finite gradient. Returns a 0-dim float32; minimising it spreads the batch.
 
     Example:
         >>> x = torch.eye(3)

@@ -100,7 +100,7 @@ def test_target_index_drops_own_view_only():
 
 def test_fused_function_errors_name_the_argument():
     z, protos, tp, index, valid, w, lp = _inputs()
-    with pytest.raises(ValueError, match="prototypes must be"):
+    with pytest.raises(ValueError, match=r"prototypes \[K, d\]"):
         fused_prototype_cross_entropy(z, protos[:, :4], tp, index, valid, 0.1)
     with pytest.raises(ValueError, match="go together"):
         fused_prototype_cross_entropy(z, protos, tp, index, valid, 0.1, weights=w)
