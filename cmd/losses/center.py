@@ -13,18 +13,9 @@ from torch import nn
 
 from cmd import distributed as dist
 
-__all__ = ["Center", "sinkhorn_knopp", "flush_subnormal_"]
+__all__ = ["Center", "sinkhorn_knopp"]
 
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def flush_subnormal_(probs: torch.Tensor) -> torch.Tensor:
-    """Set probabilities below float32's smallest normal number (1.2e-38) to 0, in place.
-
-    The mass removed is below float32's resolution of any sum; on CPUs every later operation on
-    sub-normal numbers is tens of times slower (a sharp teacher at temperature 0.04 produces many).
-    """
-    return F.threshold_(probs, _TINY, 0.0)
 
 
 class Center(nn.Module):
@@ -61,11 +52,12 @@ class Center(nn.Module):
     def softmax(self, logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, log P)`` with ``P = softmax((logits - c) / tau)`` [..., K], float32, no gradient (any input dtype).
 
-        Values of P below float32's smallest normal number are set to 0 (see `flush_subnormal_`).
+        Values of P below float32's smallest normal number (1.2e-38) are set to 0: a mass below float32's
+        resolution of any sum, and sub-normal numbers slow every later CPU operation tens of times.
         """
         scaled = torch.add(self.value * (-1.0 / temperature), logits.detach().float(), alpha=1.0 / temperature)
-        log_probs = torch.log_softmax(scaled, dim=-1)
-        return F.threshold_(log_probs.exp(), _TINY, 0.0), log_probs
+        # two kernels rather than exp(log P): an exp with sub-normal results is very slow on CPUs
+        return F.threshold_(torch.softmax(scaled, dim=-1), _TINY, 0.0), torch.log_softmax(scaled, dim=-1)
 
     @torch.no_grad()
     def accumulate(self, logits: torch.Tensor) -> None:
@@ -122,4 +114,4 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int =
     for _ in range(n_iterations):
         q /= dist.all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(_TINY) * k  # prototypes: 1 / K each
         q /= q.sum(dim=0, keepdim=True).clamp_min(_TINY) * n_rows  # samples: 1 / R each
-    return flush_subnormal_((q * n_rows).t().contiguous())
+    return F.threshold_((q * n_rows).t().contiguous(), _TINY, 0.0)  # sub-normal values: 0 (slow on CPUs)

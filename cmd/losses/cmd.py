@@ -247,9 +247,10 @@ class CMDLoss(nn.Module):
             region_probs = beta = None
             if teacher.region is not None and (self.region_weight > 0 or self.cross_weight > 0):
                 n_t = teacher.region.shape[1]
-                region_probs, _ = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t)
+                region_probs, region_log_probs = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t)
                 with torch.no_grad():
-                    terms["teacher_region_entropy"] = -torch.special.xlogy(region_probs, region_probs).sum(-1).mean()
+                    terms["teacher_region_entropy"] = -(region_probs * region_log_probs).sum(-1).mean()
+                    del region_log_probs
                     if teacher.mil_weights is not None:
                         w_t = normalise_weights(teacher.mil_weights).unsqueeze(1)
                         beta = torch.bmm(w_t, region_probs.view(g * b, n_t, k)).squeeze(1)
