@@ -54,6 +54,23 @@ class CrossLevelOutput:
     pooled: torch.Tensor | None = None
     prototypes: torch.Tensor | None = None
 
+    def __init__(  # the dataclass's own, plus the deprecated keywords features= / weights=
+        self, image: torch.Tensor, region: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+        mil_weights: torch.Tensor | None = None, region_embedding: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None, prototypes: torch.Tensor | None = None, *,
+        features: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+    ) -> None:
+        for old, new, value, current in (("features", "tokens", features, tokens),
+                                         ("weights", "mil_weights", weights, mil_weights)):
+            if value is not None:
+                if current is not None:
+                    raise TypeError(f"give {new}= only (features= / weights= are its deprecated names)")
+                warnings.warn(f"CrossLevelOutput({old}=...) is deprecated; use {new}=", DeprecationWarning, stacklevel=2)
+        self.image, self.region, self.region_embedding, self.pooled = image, region, region_embedding, pooled
+        self.tokens = tokens if features is None else features
+        self.mil_weights = mil_weights if weights is None else weights
+        self.prototypes = prototypes
+
     @property
     def features(self) -> torch.Tensor | None:
         """Deprecated alias of ``tokens``."""

@@ -149,3 +149,32 @@ def test_bad_arguments():
         head(torch.randn(2, 3, D + 1), torch.randn(2, D))
     with pytest.raises(ValueError, match=r"pooled must have shape \[B, D\] = \[2, 12\]"):
         head(torch.randn(2, 3, D), torch.randn(3, D))
+
+
+def test_cross_level_output_renamed_fields_keep_deprecated_aliases():
+    tokens, weights = torch.randn(2, 3, 4), torch.full((2, 3), 1 / 3)
+    with pytest.warns(DeprecationWarning) as record:
+        out = CrossLevelOutput(torch.zeros(2, 5), features=tokens, weights=weights)
+    assert ["use tokens=" in str(r.message) for r in record] == [True, False]
+    assert out.tokens is tokens and out.mil_weights is weights
+    with pytest.warns(DeprecationWarning, match="mil_weights"):
+        assert out.weights is weights
+    with pytest.warns(DeprecationWarning, match="tokens"):
+        assert out.features is tokens
+    with pytest.raises(TypeError, match="tokens= only"):
+        CrossLevelOutput(torch.zeros(2, 5), tokens=tokens, features=tokens)
+
+
+def test_head_computes_only_the_outputs_asked_for():
+    head = CrossLevelHead(8, out_dim=12, hidden_dim=16, bottleneck_dim=4)
+    tokens = torch.randn(2, 3, 8)
+    out = head(tokens, pooled=tokens.mean(1), outputs={"image"})
+    assert out.region is None and out.mil_weights is None and out.region_embedding is None
+    out.image.sum().backward()
+    assert all(p.grad is None for p in head.pooling.parameters())  # the pooling did not run
+    assert all(p.grad is None for p in head.region_head.parameters())
+    with pytest.raises(ValueError, match="unknown outputs"):
+        head(tokens, pooled=tokens.mean(1), outputs={"features"})
+    no_pool = CrossLevelHead(8, out_dim=12, hidden_dim=16, bottleneck_dim=4, pooling=None)
+    with pytest.raises(ValueError, match="no pooling"):
+        no_pool(tokens, pooled=tokens.mean(1), outputs={"image", "mil_weights"})
