@@ -7,6 +7,8 @@ through `cmd.distributed`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,16 +88,14 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int =
     """Teacher targets by Sinkhorn-Knopp (SwAV; DINOv2's alternative to centering), over the global batch.
 
     With ``Q = exp(logits / tau)`` as a [K, R] matrix (prototypes x samples, R the rows of all
-    processes), first scaled to total mass 1, each iteration divides every prototype row by its sum
-    over the samples times K (so each prototype holds mass 1 / K) and then every sample column by its
-    sum times R (so each sample holds 1 / R); the result is ``R * Q`` transposed, each sample a
-    distribution over the K prototypes. The sums over samples are all-reduced over processes, so
-    under DDP the result equals one process on the whole batch. ``logits / tau`` is shifted by its
-    global maximum first (a constant factor that the first normalisation removes), so logits up to
-    1e4 stay finite; a sample or prototype whose mass underflows keeps 0 (divisions are guarded).
-
-    ``logits`` [R, K] of this process (any dtype) give [R, K] float32 rows summing to 1 (3 iterations
-    in DINOv2).
+    processes), each iteration divides every prototype row by its sum over the samples times K (each
+    prototype then holds mass 1 / K) and every sample column by its sum times R (each sample 1 / R);
+    the result is ``R * Q`` transposed, each sample a distribution over the K prototypes (the papers'
+    first scaling to total mass 1 is a constant that the first division removes). Computed in log
+    space (logsumexp), so logits up to 1e4 neither overflow nor leave a sample without mass; the sums
+    over samples are all-reduced (a max and a sum per iteration), so under DDP the result equals one
+    process on the whole batch. ``logits`` [R, K] of this process (any dtype) give [R, K] float32
+    rows summing to 1 (DINOv2 runs 3 iterations).
 
     Example:
         >>> q = sinkhorn_knopp(torch.randn(6, 4), 0.1)
@@ -104,14 +104,12 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, n_iterations: int =
     """
     if isinstance(n_iterations, bool) or not isinstance(n_iterations, int) or n_iterations < 1:
         raise ValueError(f"n_iterations must be an integer >= 1; got {n_iterations!r}")
-    z = logits.detach().float().reshape(-1, logits.shape[-1]) / temperature
-    peak = z.amax().reshape(1).clone()
-    peak = dist.all_reduce_max(peak)  # one shift for every process
-    q = (z - peak).exp_().t()  # [K, R]
-    n_rows = dist.all_reduce_sum(torch.tensor([float(q.shape[1])], device=q.device))
-    k = q.shape[0]
-    q /= dist.all_reduce_sum(q.sum().reshape(1)).clamp_min(_TINY)
+    log_q = logits.detach().float().reshape(-1, logits.shape[-1]) / temperature  # [R, K]
+    log_k = math.log(log_q.shape[1])
+    log_r = dist.all_reduce_sum(torch.tensor([float(log_q.shape[0])], device=log_q.device)).log()
     for _ in range(n_iterations):
-        q /= dist.all_reduce_sum(q.sum(dim=1, keepdim=True)).clamp_min(_TINY) * k  # prototypes: 1 / K each
-        q /= q.sum(dim=0, keepdim=True).clamp_min(_TINY) * n_rows  # samples: 1 / R each
-    return F.threshold_((q * n_rows).t().contiguous(), _TINY, 0.0)  # sub-normal values: 0 (slow on CPUs)
+        peak = dist.all_reduce_max(log_q.amax(dim=0))  # per prototype, over the global batch
+        mass = dist.all_reduce_sum((log_q - peak).exp_().sum(dim=0))  # >= 1: the peak's own term
+        log_q -= (mass.log_() + peak + log_k).unsqueeze(0)  # prototypes: 1 / K each
+        log_q -= torch.logsumexp(log_q, dim=1, keepdim=True) + log_r  # samples: 1 / R each
+    return F.threshold_(log_q.add_(log_r).exp_(), _TINY, 0.0)  # sub-normal values: 0 (slow on CPUs)
