@@ -315,9 +315,9 @@ def region_weights(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.
         out = model.head(feats.tokens, feats.pooled)
     finally:
         model.train(was_training)
-    if out.weights is None:
+    if out.mil_weights is None:
         raise ValueError("the model's head returned no MIL weights")
-    return out.weights.float(), tuple(feats.grid)
+    return out.mil_weights.float(), tuple(feats.grid)
 
 
 def save_attention_grid(

@@ -222,8 +222,16 @@ def build_data(args, split: str, transform):
 # -------------------------------------------------------------------------------------- network
 
 
-def build_network(args: argparse.Namespace, *, verbose: bool = False) -> cmd.CMDNetwork:
-    """The student: a backbone (optionally initialised from --init) and a cross-level head."""
+def build_network(
+    args: argparse.Namespace, *, verbose: bool = False, outputs: frozenset[str] | None = None
+) -> cmd.CMDNetwork:
+    """The student: a backbone (optionally initialised from --init) and a cross-level head.
+
+    ``outputs`` (the loss's ``student_outputs``): build only the head parts the loss consumes, so
+    that every parameter gets a gradient (DDP without find_unused_parameters).
+    """
+    mil = outputs is None or "mil_weights" in outputs or args.image_input == "mil"
+    regions = outputs is None or bool({"region", "region_embedding"} & outputs)
     # --init goes through create_backbone: EsViT/CMD and DINO checkpoints get their reference numerics
     init = {"checkpoint": args.init, "checkpoint_key": args.init_key, "strict": not args.init_partial}
     try:
@@ -243,11 +251,11 @@ def build_network(args: argparse.Namespace, *, verbose: bool = False) -> cmd.CMD
         out_dim=args.out_dim,
         hidden_dim=args.head_hidden_dim,
         bottleneck_dim=args.head_bottleneck_dim,
-        pooling=args.mil_pooling,
+        pooling=args.mil_pooling if mil else None,
         image_input=args.image_input,
         norm_last_layer=args.norm_last_layer,
         share_prototypes=args.share_prototypes,
-        region_head=args.loss != "dino",
+        region_head=args.loss != "dino" and regions,
         region_output="embedding" if args.fused_region_chunk else "logits",
     )
     return cmd.CMDNetwork(backbone, head)
@@ -326,26 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     total_steps = args.epochs * iters_per_epoch
 
-    # ---- networks
-    student = build_network(args, verbose=rank == 0).to(device)
-    ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps)
-    teacher = ema.teacher
-    if args.fused_region_chunk:
-        teacher.head.region_output = "logits"  # the teacher's region logits are targets: plain path
-    student_ddp: nn.Module = student
-    if dist.is_dist():
-        student_ddp = nn.parallel.DistributedDataParallel(
-            student,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            # without the inter-level term the MIL pooling gets no gradient
-            find_unused_parameters=args.loss != "cmd" or (args.inter_weight == 0),
-        )
-    torch.manual_seed(args.seed + rank)  # per-process randomness from here on
-    student_fwd, teacher_fwd = student_ddp, teacher
-    if args.compile:
-        student_fwd, teacher_fwd = torch.compile(student_ddp), torch.compile(teacher)
-
-    # ---- loss, optimiser, schedules
+    # ---- loss (first: it says which outputs the networks must give)
     overrides = {
         k: v
         for k, v in dict(
@@ -364,12 +353,27 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_teacher_temp=args.warmup_teacher_temp,
         teacher_temp=args.teacher_temp,
         warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
-        n_epochs=args.epochs,
         student_temp=args.student_temp,
         center_momentum=args.center_momentum,
         fused_chunk_size=args.fused_region_chunk or None,
         **overrides,
     ).to(device)
+    # ---- networks
+    student = build_network(args, verbose=rank == 0, outputs=criterion.student_outputs).to(device)
+    ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps)
+    teacher = ema.teacher
+    student_ddp: nn.Module = student
+    if dist.is_dist():
+        student_ddp = nn.parallel.DistributedDataParallel(
+            student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )
+    torch.manual_seed(args.seed + rank)  # per-process randomness from here on
+    student_fwd, teacher_fwd = student_ddp, teacher
+    if args.compile:
+        student_fwd, teacher_fwd = torch.compile(student_ddp), torch.compile(teacher)
+
+    # ---- optimiser, schedules
     try:  # the fused AdamW kernel (CUDA; CPU since torch 2.4) is several times faster than the loop
         optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay), fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -426,8 +430,9 @@ def main(argv: list[str] | None = None) -> dict:
         return stop["signal"] is not None or bool(args.max_steps and steps_this_run >= args.max_steps)
 
     summary = {}
-    active = _active_terms(criterion)
-    logged_terms = ["loss", *active, "inter_teacher", "teacher_entropy", "teacher_student_kl"]
+    active = list(criterion.active_terms)
+    logged_terms = ["loss", *active, "inter_teacher", "teacher_entropy", "teacher_batch_entropy",
+                    "teacher_region_entropy", "teacher_student_kl"]
     try:
         for epoch in range(start_epoch, args.epochs):
             done_in_epoch = step - epoch * iters_per_epoch
@@ -444,10 +449,9 @@ def main(argv: list[str] | None = None) -> dict:
                 crops = [c.to(device, non_blocking=True) for c in crops]
                 with precision.autocast():
                     with torch.no_grad():
-                        teacher_out = teacher_fwd(crops[:2])
-                    student_out = student_fwd(crops)
-                    extra = {"prototypes": student.head.region_head.prototypes} if args.fused_region_chunk else {}
-                    out = criterion(student_out, teacher_out, epoch, **extra)
+                        teacher_out = teacher_fwd(crops[:2], outputs=criterion.teacher_outputs)
+                    student_out = student_fwd(crops, outputs=criterion.student_outputs)
+                    out = criterion(student_out, teacher_out, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 precision.backward(out.loss)
                 if args.clip_grad > 0:
@@ -522,13 +526,6 @@ def main(argv: list[str] | None = None) -> dict:
     return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary}
 
 
-def _active_terms(criterion) -> list[str]:
-    """The loss terms that enter the loss (the others are reported as NaN: not computed)."""
-    weights = {"image": criterion.image_weight, "region": criterion.region_weight,
-               "inter_student": criterion.inter_weight, "cross": criterion.cross_weight}
-    return [name for name, w in weights.items() if w > 0]
-
-
 def _check_finite(out, step: int, active: list[str]) -> None:
     """Raise with the step and the non-finite term(s) (one host synchronisation)."""
     values = {"loss": out.loss.detach(), **{k: out.terms[k] for k in active if k in out.terms}}
@@ -551,6 +548,9 @@ def _save_visualisations(args, teacher, device, out_dir: Path) -> None:
     viz.plot_training_log(out_dir / "log.jsonl", out_dir / "training_curves.png")
     data = build_data(args, "test", cmd.eval_transform(args.eval_size or args.global_size))
     images = torch.stack([data[i][0] for i in range(min(8, len(data)))])
+    if teacher.head.pooling is None:  # the loss consumes no MIL weights: the head has no pooling
+        print(f"saved {out_dir / 'training_curves.png'}")
+        return
     viz.save_attention_grid(teacher, images.to(device), out_dir / "region_weights.png")
     print(f"saved {out_dir / 'training_curves.png'} and {out_dir / 'region_weights.png'}")
 

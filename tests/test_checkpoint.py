@@ -370,7 +370,7 @@ def _training_setup(seed: int) -> dict:
     iters = _N_IMAGES // _BATCH
     ema = cmd.EMATeacher(student, momentum=0.9, total_steps=_EPOCHS * iters)
     loss = cmd.CMDLoss.from_preset(
-        "cmd", out_dim=16, n_global_crops=2, n_local_crops=2, warmup_teacher_temp_epochs=1, n_epochs=_EPOCHS
+        "cmd", out_dim=16, n_global_crops=2, n_local_crops=2, warmup_teacher_temp_epochs=1
     )
     optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=0.04))
     augmentation = cmd.MultiCropAugmentation(global_size=16, local_size=8, n_global=2, n_local=2)
