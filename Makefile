@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/pretrain.py
+	$(VENV)/bin/cmd-fgvc pretrain
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cmd tests examples benchmarks _hook

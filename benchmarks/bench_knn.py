@@ -12,8 +12,17 @@ reported, with ratios against the full-matrix baseline and the peak resident mem
 call (sampled from /proc every 2 ms on Linux; CUDA: ``max_memory_allocated``). Predictions are
 checked to agree.
 
+``--crossover`` instead times the exact search alone (``InnerProductSearch``: index construction +
+top-200 search of all queries) with the faiss and the torch backend at a few sizes, alternating,
+median of 3: the measurements behind ``backend="auto"`` (``cmd.eval.choose_backend``).
+
+``--ivf`` compares the approximate ``backend="faiss_ivf"`` with exact torch search on a clustered
+200,000 x 256 database and 1,000 queries (k = 20): index build time, search time, recall@20.
+
 Usage:
     python benchmarks/bench_knn.py                 # full size (minutes on 2 CPU cores)
+    python benchmarks/bench_knn.py --ivf           # approximate IVF index vs exact search (~1 minute)
+    python benchmarks/bench_knn.py --crossover     # faiss vs torch exact search at 6 sizes (~1 minute)
     python benchmarks/bench_knn.py --small         # 5,000 x 1,000 x 128, quick
     python benchmarks/bench_knn.py --device cuda   # torch contenders on the GPU
 """
@@ -32,7 +41,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from cmd.eval import KNNClassifier
+from cmd.eval import InnerProductSearch, KNNClassifier, choose_backend
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_knn.json")
 KS = (10, 20, 100, 200)
@@ -105,6 +114,66 @@ def full_matrix_knn(train, train_y, test, n_classes: int) -> dict[int, torch.Ten
     return out
 
 
+CROSSOVER_SIZES = [(1000, 200, 128), (5000, 1000, 384), (20000, 2000, 768), (50000, 2000, 768), (5000, 10, 384),
+                   (50000, 10, 768)]
+
+
+def crossover(repeats: int = 3, out: str | None = None) -> None:
+    """Exact search alone, faiss against torch, at the sizes of ``CROSSOVER_SIZES`` (database x queries x D)."""
+    torch.manual_seed(0)
+    rows = []
+    print(f"{'database':>9} {'queries':>8} {'D':>4} {'faiss ms':>9} {'torch ms':>9} {'faiss/torch':>12} {'auto':>6}")
+    for m, q, d in CROSSOVER_SIZES:
+        db = torch.nn.functional.normalize(torch.randn(m, d), dim=1)
+        queries = torch.nn.functional.normalize(torch.randn(q, d), dim=1)
+        k = min(200, m)
+        times: dict[str, list[float]] = {"faiss": [], "torch": []}
+        for r in range(repeats):
+            for backend in ("faiss", "torch") if r % 2 == 0 else ("torch", "faiss"):
+                start = time.perf_counter()
+                InnerProductSearch(db, backend=backend).search(queries, k)
+                times[backend].append(time.perf_counter() - start)
+        f, t = statistics.median(times["faiss"]), statistics.median(times["torch"])
+        auto = choose_backend(m, d, "cpu")
+        print(f"{m:>9} {q:>8} {d:>4} {1000 * f:9.1f} {1000 * t:9.1f} {f / t:12.2f} {auto:>6}", flush=True)
+        rows.append({"database": m, "queries": q, "dim": d, "k": k, "faiss_s": f, "torch_s": t, "auto": auto})
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump({"benchmark": "bench_knn_crossover", "threads": torch.get_num_threads(), "rows": rows}, fh, indent=2)
+        print(f"wrote {out}")
+
+
+def ivf_vs_exact(nprobes: tuple[int, ...] = (8, 32), out: str | None = None) -> None:
+    """``faiss_ivf`` (default nlist) against exact torch search: build, search, recall@20."""
+    m, q, d, classes, k = 200_000, 1000, 256, 500, 20
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(classes, d, generator=g)
+    db = torch.nn.functional.normalize(centres[torch.randint(0, classes, (m,), generator=g)] + torch.randn(m, d, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(centres[torch.randint(0, classes, (q,), generator=g)] + torch.randn(q, d, generator=g), dim=1)
+    start = time.perf_counter()
+    _, exact = InnerProductSearch(db, backend="torch").search(queries, k)
+    exact_s = time.perf_counter() - start
+    print(f"{m} x {d} database, {q} queries, k = {k}: exact torch search {exact_s:.2f} s")
+    rows = []
+    for nprobe in nprobes:
+        start = time.perf_counter()
+        ivf = InnerProductSearch(db, backend="faiss_ivf", nprobe=nprobe)
+        build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        _, approx = ivf.search(queries, k)
+        search_s = time.perf_counter() - start
+        recall = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx, exact)) / exact.numel()
+        print(f"faiss_ivf nlist {ivf.nlist} nprobe {nprobe}: build {build_s:.2f} s, search {search_s:.3f} s, "
+              f"recall@{k} {recall:.3f}")
+        rows.append({"nlist": ivf.nlist, "nprobe": nprobe, "build_s": build_s, "search_s": search_s, "recall": recall})
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump({"benchmark": "bench_knn_ivf", "exact_s": exact_s, "rows": rows}, fh, indent=2)
+        print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-train", type=int, default=50_000)
@@ -117,7 +186,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024, help="queries per search step")
     parser.add_argument("--device", default="cpu", help="device of the torch and full-matrix contenders")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--crossover", action="store_true", help="time faiss vs torch exact search at a few sizes")
+    parser.add_argument("--ivf", action="store_true", help="approximate faiss_ivf vs exact search, 200,000 x 256")
     args = parser.parse_args()
+    if args.ivf:
+        ivf_vs_exact(out=args.out.replace("bench_knn.json", "bench_knn_ivf.json"))
+        return
+    if args.crossover:
+        crossover(args.repeats, args.out.replace("bench_knn.json", "bench_knn_crossover.json"))
+        return
     if args.small:
         args.n_train, args.n_test, args.dim, args.classes = 5_000, 1_000, 128, 50
     device = torch.device(args.device)

@@ -1,14 +1,21 @@
-"""Benchmark: `CMDLoss` (presets "esvit" and "cmd") against a straightforward per-pair loop, forward + backward.
+"""Benchmark: `CMDLoss` (presets "esvit" and "cmd", plain and fused) against two baselines, forward + backward.
 
-The baseline below is the obvious implementation of the same equations (EsViT's per-pair loop, plus a
-per-crop loop for the CMD inter-level term): for every pair (g, v != g) a log-softmax of the student's
-image and region logits, a gather of the matched teacher regions and a cross-entropy. `CMDLoss`
-aggregates the targets of each student crop before one fused cross-entropy per crop.
+Four contenders compute the same loss from the same inputs; the student's region logits come from its
+prototype layer, ``region = region_embedding @ prototypes^T``, inside every timed call:
 
-Runs alternate between the contenders: for one preset after the other, every round runs the loop and
-CMDLoss back to back, the first of the pair alternating. Reported, CMDLoss / loop for the same preset:
-``time x`` the ratio of the median wall times, ``paired x`` the median of the per-round ratios (robust
-when other processes load the machine), ``cpu x`` the ratio of the median process CPU times.
+- ``loop``: the obvious implementation (EsViT's per-pair loop, plus a per-crop loop for the CMD
+  inter-level term): for every pair (g, v != g) a log-softmax of the student's image and region
+  logits, a gather of the matched teacher regions and a cross-entropy;
+- ``aggregated``: the same in plain autograd with the targets of each student crop summed over the
+  teachers g != v first (one log-softmax and one cross-entropy per crop), written here independently:
+  what the aggregation alone buys over the loop;
+- ``CMDLoss``: the library's plain path (aggregated targets, plain autograd);
+- ``fused``: ``CMDLoss(fused_chunk_size=...)``, the prototype layer fused with the log-softmax and the
+  cross-entropy in chunks (`cmd.losses.fused`): what the fused kernel buys over ``CMDLoss``.
+
+Runs alternate between the contenders: for one preset after the other, every round runs all four back
+to back, in a rotating order. Reported per contender: the median wall time and the peak memory, and
+``x loop``, the ratio of the median wall times to the loop's.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the inputs. On the CPU, a
 ``TorchDispatchMode`` sees every tensor that an operator (forward, backward, and inside custom autograd
@@ -21,7 +28,7 @@ Usage::
     python benchmarks/bench_losses.py                     # CPU setting (+ the GPU setting with CUDA)
     python benchmarks/bench_losses.py --repeats 11 --threads 1 --out benchmarks/results/losses.json
 
-CPU setting: K=4096, B=8, Swin-T token counts 49 / 9, 2 + 8 crops. GPU: K=65536, B=64.
+CPU setting: K=4096, B=8, Swin-T token counts 49 / 9, 2 + 8 crops, bottleneck 256. GPU: K=65536, B=64.
 Logits are ``logit_scale * N(0, 1)``; at 1.0 a temperature-0.04 teacher softmax underflows to sub-normal
 numbers for about a quarter of K, which costs the CPU much time in every op that touches them (CMDLoss
 flushes them to 0 once); at 0.3 (cosine-like logits of a weight-normalised head) there are none.
@@ -65,11 +72,11 @@ class PerPairLoopLoss:
         G, B = self.G, teacher.image.shape[0] // self.G
         t_img = F.softmax((teacher.image.float() - self.center) / tau_t, dim=-1).detach().chunk(G)
         t_reg = F.softmax((teacher.region.float() - self.region_center) / tau_t, dim=-1).detach().chunk(G)
-        t_fea = teacher.features.chunk(G)
+        t_fea = teacher.tokens.chunk(G)
         s_img = [c for o in student for c in (o.image.float() / self.tau_s).chunk(o.image.shape[0] // B)]
         s_reg = [c for o in student for c in (o.region.float() / self.tau_s).chunk(o.image.shape[0] // B)]
-        s_fea = [c for o in student for c in o.features.chunk(o.image.shape[0] // B)]
-        s_w = [c for o in student for c in o.weights.chunk(o.image.shape[0] // B)]
+        s_fea = [c for o in student for c in o.tokens.chunk(o.image.shape[0] // B)]
+        s_w = [c for o in student for c in o.mil_weights.chunk(o.image.shape[0] // B)]
         total, n_pairs = 0.0, 0
         for g in range(G):
             for v in range(self.V):
@@ -94,6 +101,54 @@ class PerPairLoopLoss:
         with torch.no_grad():
             self.center = self.center * self.m + teacher.image.float().mean(0, keepdim=True) * (1 - self.m)
             flat = teacher.region.float().reshape(-1, teacher.region.shape[-1])
+            self.region_center = self.region_center * self.m + flat.mean(0, keepdim=True) * (1 - self.m)
+        return total
+
+
+class AggregatedAutogradLoss:
+    """The same loss in plain autograd with aggregated targets: ``T_v = sum_{g != v} P_g`` per student crop."""
+
+    def __init__(self, out_dim: int, n_global: int, n_crops: int, *, image_weight: float, region_weight: float,
+                 inter_weight: float, device: torch.device) -> None:
+        self.center = torch.zeros(1, out_dim, device=device)
+        self.region_center = torch.zeros(1, out_dim, device=device)
+        self.G, self.V = n_global, n_crops
+        self.wi, self.wr, self.ws = image_weight, region_weight, inter_weight
+        self.tau_s, self.m = 0.1, 0.9
+
+    def __call__(self, student: list[CrossLevelOutput], teacher: CrossLevelOutput, tau_t: float) -> torch.Tensor:
+        G, V, B, K = self.G, self.V, teacher.image.shape[0] // self.G, teacher.image.shape[1]
+        n_pairs = G * (V - 1)
+        with torch.no_grad():
+            p = F.softmax((teacher.image.float() - self.center) / tau_t, dim=-1).view(G, B, K)
+            q = F.softmax((teacher.region.float() - self.region_center) / tau_t, dim=-1).view(G, B, -1, K)
+            t_unit = F.normalize(teacher.tokens.float(), dim=-1).view(G, B, -1, teacher.tokens.shape[-1])
+            own = torch.eye(G, V, device=p.device)  # own[g, v] = 1 where v is teacher crop g's own view
+            image_target = torch.einsum("gv,gbk->vbk", 1 - own, p)  # sum over g != v
+        log_p = F.log_softmax(torch.cat([o.image for o in student]).float() / self.tau_s, dim=-1).view(V, B, K)
+        total = self.wi * -(image_target * log_p).sum() / (B * n_pairs)
+        first, inter = 0, 0.0
+        for o in student:
+            c, n = o.image.shape[0] // B, o.region.shape[1]
+            log_q = F.log_softmax(o.region.float() / self.tau_s, dim=-1).view(c, B, n, K)
+            with torch.no_grad():
+                s_unit = F.normalize(o.tokens.float(), dim=-1).view(c, B, n, -1)
+                match = torch.einsum("cbnd,gbmd->cbngm", s_unit, t_unit).argmax(-1)  # [C, B, N, G]
+                target = torch.zeros_like(log_q)
+                for g in range(G):
+                    gathered = torch.gather(q[g].unsqueeze(0).expand(c, -1, -1, -1), 2,
+                                            match[..., g].unsqueeze(-1).expand(-1, -1, -1, K))
+                    target += (1 - own[g, first : first + c]).view(c, 1, 1, 1) * gathered
+            total = total + self.wr * -(target * log_q).sum() / (B * n * n_pairs)
+            if self.ws > 0:
+                w = o.mil_weights.float().view(c, B, n)
+                log_b = torch.logsumexp(log_q + w.clamp_min(torch.finfo(torch.float32).tiny).log().unsqueeze(-1), 2)
+                inter = inter + (log_b.exp() * (log_b - log_p[first : first + c])).sum() / (V * B)
+            first += c
+        total = total + self.ws * inter
+        with torch.no_grad():
+            self.center = self.center * self.m + teacher.image.float().mean(0, keepdim=True) * (1 - self.m)
+            flat = teacher.region.float().reshape(-1, K)
             self.region_center = self.region_center * self.m + flat.mean(0, keepdim=True) * (1 - self.m)
         return total
 
@@ -127,26 +182,36 @@ class PeakTensorMemory(TorchDispatchMode):
 
 
 # --------------------------------------------------------------------------- inputs
-def make_inputs(batch, out_dim, tokens, n_global, n_local, dim, scale, device, dtype, seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
+BOTTLENECK = 256
 
-    def group(crops, n, grad):
+
+def make_inputs(batch, out_dim, tokens, n_global, n_local, dim, scale, device, dtype, seed=0):
+    """Student groups with ``region_embedding`` (unit rows) and shared ``prototypes`` (scaled so that the
+    region logits are ``scale * N(0, 1)``-like), the teacher with region logits."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    prototypes = (torch.randn(out_dim, BOTTLENECK, generator=g, device=device) * scale).to(dtype).requires_grad_()
+
+    def group(crops, n, student):
         rows = crops * batch
-        tensors = [
-            torch.randn(rows, out_dim, generator=g, device=device) * scale,
-            torch.randn(rows, n, out_dim, generator=g, device=device) * scale,
-            torch.randn(rows, n, dim, generator=g, device=device),
-            torch.softmax(torch.randn(rows, n, generator=g, device=device), -1),
-        ]
-        tensors = [t.to(dtype=dtype if i < 2 else torch.float32) for i, t in enumerate(tensors)]
-        if grad:
-            for i in (0, 1, 3):
-                tensors[i].requires_grad_()
-        return CrossLevelOutput(*tensors)
+        image = (torch.randn(rows, out_dim, generator=g, device=device) * scale).to(dtype)
+        region = None if student else (torch.randn(rows, n, out_dim, generator=g, device=device) * scale).to(dtype)
+        tokens = torch.randn(rows, n, dim, generator=g, device=device)
+        weights = torch.softmax(torch.randn(rows, n, generator=g, device=device), -1)
+        if not student:
+            return CrossLevelOutput(image, region, tokens, weights)
+        emb = F.normalize(torch.randn(rows, n, BOTTLENECK, generator=g, device=device), dim=-1).to(dtype)
+        return CrossLevelOutput(image.requires_grad_(), None, tokens, weights.requires_grad_(),
+                                emb.requires_grad_(), prototypes=prototypes)
 
     student = [group(n_global, tokens[0], True), group(n_local, tokens[1], True)]
     teacher = group(n_global, tokens[0], False)
     return student, teacher
+
+
+def with_region_logits(student):
+    """The plain contenders' inputs: the region logits from the prototype layer (differentiable)."""
+    return [CrossLevelOutput(o.image, o.region_embedding @ o.prototypes.t(), o.tokens, o.mil_weights)
+            for o in student]
 
 
 def _sync(device):
@@ -156,11 +221,14 @@ def _sync(device):
 
 def _zero_grads(student):
     for o in student:
-        for t in (o.image, o.region, o.weights):
+        for t in (o.image, o.region_embedding, o.mil_weights, o.prototypes):
             t.grad = None
 
 
-def run_setting(name, *, batch, out_dim, tokens, dim, scale, device, dtype, repeats, warmup):
+NAMES = ("loop", "aggregated", "CMDLoss", "fused")
+
+
+def run_setting(name_, *, batch, out_dim, tokens, dim, scale, device, dtype, repeats, warmup):
     n_global, n_local = 2, 8
     student, teacher = make_inputs(batch, out_dim, tokens, n_global, n_local, dim, scale, device, dtype)
     tau_t = 0.04
@@ -168,32 +236,34 @@ def run_setting(name, *, batch, out_dim, tokens, dim, scale, device, dtype, repe
     for preset in PRESETS:
         weights = {k: v for k, v in CMDLoss.PRESETS[preset].items() if k != "cross_weight"}
         loop = PerPairLoopLoss(out_dim, n_global, n_global + n_local, device=device, **weights)
+        agg = AggregatedAutogradLoss(out_dim, n_global, n_global + n_local, device=device, **weights)
         ours = CMDLoss.from_preset(preset, out_dim=out_dim, n_local_crops=n_local).to(device)
-        contenders[("loop", preset)] = lambda loop=loop: loop(student, teacher, tau_t)
-        contenders[("CMDLoss", preset)] = lambda ours=ours: ours(student, [teacher], 0).loss
+        fused = CMDLoss.from_preset(preset, out_dim=out_dim, n_local_crops=n_local, fused_chunk_size=8).to(device)
+        contenders[("loop", preset)] = lambda f=loop: f(with_region_logits(student), teacher, tau_t)
+        contenders[("aggregated", preset)] = lambda f=agg: f(with_region_logits(student), teacher, tau_t)
+        contenders[("CMDLoss", preset)] = lambda f=ours: f(with_region_logits(student), teacher, teacher_temp=tau_t).loss
+        contenders[("fused", preset)] = lambda f=fused: f(student, teacher, teacher_temp=tau_t).loss
 
-    # same values (centers move identically in both)
+    # same values (centers move identically in all)
     for preset in PRESETS:
-        a, b = contenders[("loop", preset)](), contenders[("CMDLoss", preset)]()
-        if not torch.allclose(a.double(), b.double(), rtol=1e-3, atol=1e-4):
-            raise RuntimeError(f"{preset}: loop {float(a)} != CMDLoss {float(b)}")
+        values = {name: float(contenders[(name, preset)]().detach()) for name in NAMES}
+        if max(values.values()) - min(values.values()) > 1e-3 * abs(values["loop"]) + 1e-4:
+            raise RuntimeError(f"{preset}: the contenders disagree: {values}")
 
-    # Rounds: a preset's two contenders run back to back, the first of the pair alternating, so that a
-    # pair shares the machine's load of the moment (the machine may be shared and noisy).
+    # Rounds: a preset's contenders run back to back in a rotating order, so that they share the
+    # machine's load of the moment (the machine may be shared and noisy).
     times = {k: [] for k in contenders}
-    cpu_times = {k: [] for k in contenders}
     for preset in PRESETS:  # one preset after the other, as a training run calls one loss repeatedly
-        pair = [("loop", preset), ("CMDLoss", preset)]
         for r in range(warmup + repeats):
-            for key in pair if r % 2 == 0 else pair[::-1]:
+            for i in range(len(NAMES)):
+                key = (NAMES[(i + r) % len(NAMES)], preset)
                 _zero_grads(student)
                 _sync(device)
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0 = time.perf_counter()
                 contenders[key]().backward()
                 _sync(device)
                 if r >= warmup:
                     times[key].append(time.perf_counter() - t0)
-                    cpu_times[key].append(time.process_time() - c0)
 
     peaks = {}
     for key, fn in contenders.items():
@@ -213,24 +283,13 @@ def run_setting(name, *, batch, out_dim, tokens, dim, scale, device, dtype, repe
 
     rows = []
     for preset in PRESETS:
-        loop_t, ours_t = times[("loop", preset)], times[("CMDLoss", preset)]
-        loop_c, ours_c = cpu_times[("loop", preset)], cpu_times[("CMDLoss", preset)]
-        rows.append(
-            dict(
-                setting=name,
-                preset=preset,
-                loop_ms=1e3 * statistics.median(loop_t),
-                cmdloss_ms=1e3 * statistics.median(ours_t),
-                time_ratio=statistics.median(ours_t) / statistics.median(loop_t),
-                paired_time_ratio=statistics.median(o / lo for o, lo in zip(ours_t, loop_t)),
-                cpu_time_ratio=statistics.median(ours_c) / statistics.median(loop_c),
-                loop_peak_mib=peaks[("loop", preset)] / 2**20,
-                cmdloss_peak_mib=peaks[("CMDLoss", preset)] / 2**20,
-                memory_ratio=peaks[("CMDLoss", preset)] / peaks[("loop", preset)],
-                loop_runs_ms=[1e3 * t for t in loop_t],
-                cmdloss_runs_ms=[1e3 * t for t in ours_t],
-            )
-        )
+        loop_ms = 1e3 * statistics.median(times[("loop", preset)])
+        for name in NAMES:
+            ms = 1e3 * statistics.median(times[(name, preset)])
+            rows.append(dict(setting=name_, preset=preset, contender=name, ms=ms, time_vs_loop=ms / loop_ms,
+                             peak_mib=peaks[(name, preset)] / 2**20,
+                             memory_vs_loop=peaks[(name, preset)] / peaks[("loop", preset)],
+                             runs_ms=[1e3 * t for t in times[(name, preset)]]))
     return rows
 
 
@@ -264,18 +323,12 @@ def main(argv=None) -> int:
     for name, kw in settings:
         rows += run_setting(name, repeats=args.repeats, warmup=args.warmup, **kw)
 
-    header = (
-        f"{'setting':30} {'preset':6} {'loop ms':>8} {'CMDLoss ms':>10} {'time x':>6} {'paired x':>8} {'cpu x':>6} "
-        f"{'loop MiB':>8} {'CMDLoss MiB':>11} {'mem x':>6}"
-    )
+    header = f"{'setting':30} {'preset':6} {'contender':10} {'ms':>8} {'x loop':>6} {'peak MiB':>9} {'mem x loop':>10}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(
-            f"{r['setting']:30} {r['preset']:6} {r['loop_ms']:8.1f} {r['cmdloss_ms']:10.1f} {r['time_ratio']:6.2f} "
-            f"{r['paired_time_ratio']:8.2f} {r['cpu_time_ratio']:6.2f} {r['loop_peak_mib']:8.1f} "
-            f"{r['cmdloss_peak_mib']:11.1f} {r['memory_ratio']:6.2f}"
-        )
+        print(f"{r['setting']:30} {r['preset']:6} {r['contender']:10} {r['ms']:8.1f} {r['time_vs_loop']:6.2f} "
+              f"{r['peak_mib']:9.1f} {r['memory_vs_loop']:10.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")

@@ -102,13 +102,13 @@ class PerPairLoopLoss:
                         for t in t_crops]
             total, n_pairs = 0.0, 0
             for g, t in enumerate(t_crops):
-                t_unit = F.normalize(t.features.detach().float(), dim=-1)
+                t_unit = F.normalize(t.tokens.detach().float(), dim=-1)
                 for v, s in enumerate(s_crops):
                     if v == g:
                         continue
                     log_p = torch.log_softmax(s.image.float() / self.student_temp, -1)
                     image_ce = -(t_image[g] * log_p).sum(-1).mean()
-                    sim = F.normalize(s.features.detach().float(), dim=-1) @ t_unit.transpose(1, 2)
+                    sim = F.normalize(s.tokens.detach().float(), dim=-1) @ t_unit.transpose(1, 2)
                     match = sim.argmax(dim=-1)  # [B, N_v]
                     target = torch.gather(t_region[g], 1, match.unsqueeze(-1).expand(-1, -1, t_region[g].shape[-1]))
                     log_q = torch.log_softmax(s.region.float() / self.student_temp, -1)
@@ -120,7 +120,7 @@ class PerPairLoopLoss:
                 inter = 0.0
                 for s in s_crops:
                     log_q = torch.log_softmax(s.region.float() / self.student_temp, -1)
-                    w = s.weights.float()
+                    w = s.mil_weights.float()
                     log_b = torch.logsumexp((w / w.sum(-1, keepdim=True)).log().unsqueeze(-1) + log_q, dim=1)
                     log_p = torch.log_softmax(s.image.float() / self.student_temp, -1)
                     inter = inter + (log_b.exp() * (log_b - log_p)).sum(-1).mean()
@@ -178,15 +178,14 @@ class Contender:
         if args.channels_last:
             self.student.to(memory_format=torch.channels_last)
         self.ema = cmd.EMATeacher(self.student, momentum=0.996)
-        if name == "cmd-fused":
-            self.ema.teacher.head.region_output = "logits"  # the teacher needs Q for every token anyway
         # fused AdamW: one kernel per step on CUDA, and 3x faster than the per-tensor loop on the CPU too
         self.optimizer = torch.optim.AdamW(cmd.param_groups(self.student, weight_decay=0.04), lr=1e-4,
                                            fused=not args.unfused_adamw or None)
         preset = dict(image_weight=0.5, region_weight=0.5, inter_weight=0.1)
         if name in ("cmd", "cmd-fused"):
             extra = {"fused_chunk_size": args.fused_chunk} if name == "cmd-fused" else {}
-            self.criterion = cmd.CMDLoss(args.out_dim, 2, args.local_crops, **preset, **extra).to(device)
+            self.criterion = cmd.CMDLoss(args.out_dim, n_global_crops=2, n_local_crops=args.local_crops, **preset,
+                                         **extra).to(device)
         elif name == "loop":
             self.criterion = PerPairLoopLoss(args.out_dim, 2, 2 + args.local_crops, device=device, **preset)
         self.student_fwd = self.student.forward_multicrop if name == "backbone" else self.student
@@ -199,16 +198,15 @@ class Contender:
 
     def loss(self) -> torch.Tensor:
         crops = self.crops
+        # the loss says which outputs it reads (the fused student gives region_embedding + prototypes)
+        kwargs = {} if self.name in ("backbone", "loop") else {"outputs": self.criterion.student_outputs}
         with torch.no_grad():
-            teacher_out = self.teacher_fwd(crops[:2])
-        student_out = self.student_fwd(crops)
+            teacher_out = self.teacher_fwd(crops[:2], **({"outputs": self.criterion.teacher_outputs} if kwargs else {}))
+        student_out = self.student_fwd(crops, **kwargs)
         if self.name == "backbone":
             return sum(o.pooled.float().mean() + o.tokens.float().mean() for o in student_out)
         if self.name == "loop":
             return self.criterion(student_out, teacher_out, teacher_temp=0.04)
-        if self.name == "cmd-fused":
-            prototypes = self.student.head.region_head.prototypes
-            return self.criterion(student_out, teacher_out, epoch=0, prototypes=prototypes).loss
         return self.criterion(student_out, teacher_out, epoch=0).loss
 
     def step(self) -> torch.Tensor:

@@ -54,7 +54,7 @@ def part_mass(net: cmd.CMDNetwork, args: argparse.Namespace) -> tuple[float, flo
     for images, _labels, masks in DataLoader(data, batch_size=64):
         feats = net.backbone(images)
         out = net.head(feats.tokens, feats.pooled)
-        masses.append(cmd.part_weight_mass(out.weights, masks, feats.grid))
+        masses.append(cmd.part_weight_mass(out.mil_weights, masks, feats.grid))
         n_tokens = feats.grid[0] * feats.grid[1]
         uniform.append(cmd.part_weight_mass(torch.full((len(images), n_tokens), 1.0 / n_tokens), masks, feats.grid))
     return float(torch.cat(masses).mean()), float(torch.cat(uniform).mean())
@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
         args = pretrain.parse_args(pre_argv)
         net = pretrain.build_network(args)
         state = torch.load(out_dir / "checkpoint.pth", map_location="cpu", weights_only=True)["teacher"]
-        net.load_state_dict(state)
+        # "dino" / "esvit" consume no MIL weights: their networks were built without a pooling, and
+        # an untrained (freshly initialised) one measures the part mass here
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("head.pooling.") for k in missing):
+            raise RuntimeError(f"checkpoint does not fit the network: missing {missing}, unexpected {unexpected}")
         mass, uniform = part_mass(net, args)
         rows.append({"preset": preset, "knn_before": result["knn"].get("before"), "knn_after": result["knn"]["after"],
                      "part_mass": mass, "uniform_mass": uniform, "train_time_s": elapsed})

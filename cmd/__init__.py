@@ -38,9 +38,12 @@ _LAZY_ATTRS: dict[str, str] = {
     "CMDNetwork": "network",
     # losses
     "DINOLoss": "losses",
-    "RegionDistillationLoss": "losses",
     "CMDLoss": "losses",
     "CMDLossOutput": "losses",
+    "Center": "losses",
+    "sinkhorn_knopp": "losses",
+    "koleo": "losses",
+    "diagnose_collapse": "losses",
     # training essentials
     "EMATeacher": "teacher",
     "update_teacher": "teacher",
@@ -134,7 +137,7 @@ if _TYPE_CHECKING:  # pragma: no cover - for static analysers only
         train_linear_probe,
     )
     from cmd.heads import CrossLevelHead, CrossLevelOutput, DINOHead, cancel_last_layer_gradients
-    from cmd.losses import CMDLoss, CMDLossOutput, DINOLoss, RegionDistillationLoss
+    from cmd.losses import Center, CMDLoss, CMDLossOutput, DINOLoss, diagnose_collapse, koleo, sinkhorn_knopp
     from cmd.network import CMDNetwork
     from cmd.optim import clip_gradients, param_groups, set_schedules
     from cmd.pooling import MultiInstancePooling

@@ -1,8 +1,8 @@
 """Mixed precision: bf16 autocast where the device supports it, fp16 autocast with loss scaling otherwise.
 
 bf16 has fp32's exponent range, so gradients neither underflow nor overflow and no loss scaling is
-needed; fp16 (GPUs before Ampere) needs a :class:`torch.amp.GradScaler`. :func:`mixed_precision`
-picks for you, and :class:`MixedPrecision` bundles the choice: ``autocast()`` for the forward pass and
+needed; fp16 (GPUs before Ampere) needs a `torch.amp.GradScaler`. [`mixed_precision`][cmd.amp.mixed_precision]
+picks for you, and [`MixedPrecision`][cmd.amp.MixedPrecision] bundles the choice: ``autocast()`` for the forward pass and
 ``scaler`` for the backward pass. The scaler is always a ``GradScaler``, disabled (a pass-through)
 unless the mode is fp16, so one training loop serves every mode. The library's losses compute their
 softmaxes in float32 whatever the autocast dtype.
@@ -45,7 +45,7 @@ class MixedPrecision:
 
     Args:
         mode: "bf16" (autocast to bfloat16, no loss scaling), "fp16" (autocast to float16 with a
-            ``GradScaler``) or "off" (float32). Use :func:`mixed_precision` for "auto".
+            ``GradScaler``) or "off" (float32). Use [`mixed_precision`][cmd.amp.mixed_precision] for "auto".
         device_type: the device type autocast applies to ("cuda", "cpu", ...).
 
     Attributes:

@@ -16,7 +16,7 @@ The usual contents, as the training loop passes them::
 
 Modules, optimisers, scalers and other objects with a ``state_dict()`` are stored as their state dict
 (DDP / ``torch.compile`` wrappers removed, so keys are the plain module's: ``backbone.model.<timm key>``,
-``head.*``); an :class:`~cmd.EMATeacher` given as ``teacher`` as its teacher's weights under ``teacher``
+``head.*``); an [`EMATeacher`][cmd.teacher.EMATeacher] given as ``teacher`` as its teacher's weights under ``teacher``
 plus its schedule state (step counter) under ``ema`` (``ema=ema`` or ``ema=ema.state_dict()`` stores
 the schedule state alone, with ``teacher=ema.teacher``); the RNG states are added as ``rng`` unless given. Everything stored is made of
 tensors, numbers, strings, lists, tuples, dicts and None (numpy arrays become tensors, numpy scalars
@@ -45,8 +45,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import errno
+import io
 import os
+import pickle
 import random
+import re
 import socket
 import uuid
 import warnings
@@ -58,6 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cmd._integrity import corrupt_member, is_raw_pickle, mismatched_tensors, tensor_checksums
 from cmd._unwrap import unwrap_model
 from cmd.teacher import EMATeacher
 
@@ -74,7 +79,7 @@ __all__ = [
 
 FORMAT = "cmd-fgvc"
 FORMAT_VERSION = 1
-_RESERVED = ("format", "format_version")
+_RESERVED = ("format", "format_version", "checksums")
 _MAX_LISTED = 25
 
 
@@ -113,7 +118,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore RNG states saved by :func:`rng_state` (entries that are absent are left alone).
+    """Restore RNG states saved by `rng_state` (entries that are absent are left alone).
 
     CUDA states are restored for as many devices as both the state and this machine have.
     """
@@ -225,6 +230,41 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class _RawFile(io.RawIOBase):
+    """An unbuffered file written with ``os.write``; remembers the first OSError (torch.save hides it)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return os.write(self.fd, data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            os.close(self.fd)
+
+
+def _write_error(err: OSError, path: Path, tmp: Path) -> OSError:
+    code = errno.errorcode.get(err.errno or 0, "")
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    hint = "; free some space (or save elsewhere)" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return OSError(
+        err.errno,
+        f"{reason}{f' ({code})' if code else ''} while writing checkpoint {path} (temporary file {tmp.name}, "
+        f"removed); any previous checkpoint at {path} is unchanged{hint}",
+    )
+
+
 def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     """Write ``{"format": "cmd-fgvc", "format_version": 1, **state}`` to ``path`` atomically.
 
@@ -232,18 +272,22 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
     never share one), is flushed and fsync'ed, then replaces ``path`` with ``os.replace`` and the folder
     is fsync'ed: a crash or kill at any moment leaves the previous checkpoint or the new one, complete.
     Temporary files left by writers on this host that have since died are removed. The folder is
-    created if needed. See the module docstring for what ``state`` may hold.
+    created if needed. See the module docstring for what ``state`` may hold. A CRC-32 of every
+    tensor's bytes is stored under ``checksums`` (one pass over the weights, about 1 s per GB on
+    the CPU) so that `read_checkpoint` can name a corrupted tensor.
 
     Args:
         path: the checkpoint file.
-        **state: the contents; ``rng`` is added (:func:`rng_state`) unless given.
+        **state: the contents; ``rng`` is added (`rng_state`) unless given.
 
     Returns:
         ``path`` as a ``Path``.
 
     Raises:
         TypeError: a value cannot be stored in a weights_only checkpoint (the key is named).
-        ValueError: ``state`` uses a reserved key ("format", "format_version").
+        OSError: the write failed (a full disk gives ``errno.ENOSPC``): the message names the error and
+            ``path``; the previous checkpoint at ``path`` is left intact.
+        ValueError: ``state`` uses a reserved key ("format", "format_version", "checksums").
     """
     reserved = [k for k in _RESERVED if k in state]
     if reserved:
@@ -258,50 +302,126 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> Path:
             payload[key] = _storable(value, key)
     if "rng" not in payload:
         payload["rng"] = rng_state()
+    payload["checksums"] = tensor_checksums(payload)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
     tmp = _temp_name(path)
+    raw: _RawFile | None = None
     try:
-        with open(tmp, "xb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        raw = _RawFile(fd)
+        with io.BufferedWriter(raw, buffer_size=1 << 20) as f:
             torch.save(payload, f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        cause = raw.error if raw is not None and raw.error is not None else err
+        if isinstance(cause, OSError) and not isinstance(cause, FileExistsError):
+            raise _write_error(cause, path, tmp) from err
         raise
     _fsync_dir(path.parent)
     return path
 
 
 # ------------------------------------------------------------------------------------------- loading
+def _load_error(path: Path, err: Exception) -> CheckpointError:
+    """A CheckpointError saying why ``torch.load`` failed on ``path``, in plain words."""
+    detail = str(err).strip()
+    found = re.search(r"GLOBAL (\S+)", detail)
+    if found is not None:
+        return CheckpointError(
+            f"cannot load checkpoint {path}: it holds a pickled Python object ({found.group(1)}) that "
+            "torch.load(weights_only=True) refuses; if you trust the file, pass weights_only=False"
+        )
+    if isinstance(err, pickle.UnpicklingError) and is_raw_pickle(path):
+        return CheckpointError(
+            f"cannot load checkpoint {path}: it is a raw pickle (written by pickle.dump, not torch.save), which "
+            "torch.load(weights_only=True) refuses; if you trust the file, pass weights_only=False"
+        )
+    first = detail.splitlines()[0] if detail else "no message"
+    return CheckpointError(
+        f"cannot load checkpoint {path}: the file is truncated, corrupted or holds objects that "
+        f"weights_only=True refuses ({type(err).__name__}: {first})"
+    )
+
+
+def _not_ours(path: Path, ckpt: Any) -> str:
+    found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+    hint = ""
+    if isinstance(ckpt, dict):
+        hint = (
+            f" (top-level keys {_listing(sorted(str(k) for k in ckpt))}); to load a backbone's weights from "
+            "a DINO, EsViT or timm file use cmd.load_checkpoint(backbone, path)"
+        )
+    return f"{path} is not a {FORMAT} checkpoint (format: {found!r}){hint}"
+
+
+def _foreign_format(path: Path) -> Any:
+    """The object in ``path`` when it loads with ``argparse.Namespace`` allowed (as DINO and EsViT files
+    store their arguments) and is not a cmd-fgvc checkpoint; None otherwise."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return obj if not (isinstance(obj, dict) and obj.get("format") == FORMAT) else None
+
+
 def read_checkpoint(
     path: str | os.PathLike, map_location: Any = "cpu", *, weights_only: bool = True
 ) -> dict[str, Any]:
     """Load a cmd-fgvc checkpoint as a dict, without applying it.
 
+    The CRC-32 that the zip format of ``torch.save`` keeps for every member is checked first (one
+    read of the file), and when a member is damaged the tensors are compared with the checksums
+    stored by `save_checkpoint` to name the corrupted entry (e.g. ``student['head.weight']``).
+    Checkpoints written before checksums were stored still load (their members' CRC-32 is checked,
+    and a damaged one is named by its member).
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors are loaded.
+        weights_only: keep True unless you trust the file; False runs arbitrary pickled code (it warns).
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        CheckpointError: the file is truncated, corrupted, not loadable with ``weights_only=True``,
-            not a cmd-fgvc checkpoint, or of a newer format version (the file is named).
+        CheckpointError: the file is truncated, corrupted (the damaged entry is named), not loadable with
+            ``weights_only=True`` (a pickled object or a raw pickle: the message says which), not a
+            cmd-fgvc checkpoint (e.g. a DINO file: use `cmd.load_checkpoint` for a backbone), or of
+            a newer format version (the file is named).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not weights_only:
+        warnings.warn(
+            f"loading {path} with weights_only=False: unpickling can run arbitrary code; only for files you trust",
+            stacklevel=2,
+        )
+    damaged = corrupt_member(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        if damaged is not None:
+            raise CheckpointError(f"checkpoint {path} is corrupted: zip member {damaged} is damaged") from e
+        foreign = _foreign_format(path) if "argparse.Namespace" in str(e) else None
+        if foreign is not None:
+            raise CheckpointError(_not_ours(path, foreign)) from e
+        raise _load_error(path, e) from e
+    if damaged is not None:
+        entries = mismatched_tensors(ckpt, ckpt.get("checksums")) if isinstance(ckpt, dict) else []
+        where = f"corrupted entries {_listing(entries)} (" if entries else "("
         raise CheckpointError(
-            f"cannot load checkpoint {path}: the file is truncated, corrupted or holds objects that "
-            f"weights_only=True refuses ({type(e).__name__}: {detail})"
-        ) from e
+            f"checkpoint {path} is corrupted: {where}zip member {damaged} fails its CRC-32 check); "
+            "restore it from a copy or an earlier checkpoint"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format: {found!r})")
+        raise CheckpointError(_not_ours(path, ckpt))
     version = ckpt.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
@@ -356,10 +476,10 @@ def restore_checkpoint(
     map_location: Any = "cpu",
     weights_only: bool = True,
 ) -> dict[str, Any]:
-    """Restore a checkpoint written by :func:`save_checkpoint` into what is given; return the rest.
+    """Restore a checkpoint written by [`save_checkpoint`][cmd.checkpoint.save_checkpoint] into what is given; return the rest.
 
     Each given object is loaded from its key (``student``, ``teacher``, ``optimizer``, ``loss``,
-    ``scaler``); wrapped modules (DDP, ``torch.compile``) are unwrapped. An :class:`~cmd.EMATeacher`
+    ``scaler``); wrapped modules (DDP, ``torch.compile``) are unwrapped. An [`EMATeacher`][cmd.teacher.EMATeacher]
     given as ``teacher`` gets its teacher's weights and its schedule state (step counter, from the
     ``ema`` entry); ``ema=`` restores the schedule state alone (pass ``teacher=ema.teacher`` or
     ``teacher=ema`` for the weights). The RNG states are restored
@@ -372,7 +492,8 @@ def restore_checkpoint(
             object has no entry in the checkpoint.
         restore_rng: restore python / numpy / torch / CUDA RNG states.
         map_location: where tensors are loaded before being copied into the objects.
-        weights_only: keep True unless you trust the file (it refuses arbitrary pickled objects).
+        weights_only: keep True unless you trust the file (it refuses arbitrary pickled objects);
+            False warns, as ``trust_pickle=True`` of `cmd.load_checkpoint` does.
 
     Returns:
         Everything else stored (``epoch``, ``step``, ``sampler_epoch``, ``args``, entries not restored,

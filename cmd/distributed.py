@@ -26,6 +26,7 @@ __all__ = [
     "is_main_process",
     "barrier",
     "all_reduce_sum",
+    "all_reduce_max",
     "all_gather_cat",
     "gather_in_dataset_order",
     "init_distributed_from_env",
@@ -65,6 +66,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """
     if is_dist() and world_size() > 1:
         tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``tensor`` over all processes, **in place** (unchanged alone). Not differentiable."""
+    if is_dist() and world_size() > 1:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
     return tensor
 
 

@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ class CMDNetwork(nn.Module):
     Shapes:
         ``forward(crops)``: ``crops`` a list of V tensors ``[B, 3, H_v, W_v]`` (a single tensor is
         one crop) -> list of `CrossLevelOutput`, one per group, with ``image [n*B, K]``,
-        ``region [n*B, N, K]``, ``features [n*B, N, D]``, ``weights [n*B, N]``.
+        ``region [n*B, N, K]``, ``tokens [n*B, N, D]``, ``mil_weights [n*B, N]``.
 
     Example:
         >>> import torch
@@ -129,9 +129,15 @@ class CMDNetwork(nn.Module):
             )
         return outputs
 
-    def forward(self, crops: Sequence[torch.Tensor] | torch.Tensor) -> list[CrossLevelOutput]:
-        """One `CrossLevelOutput` per resolution group of ``crops`` (rows crop-major)."""
-        return [self.head(out.tokens, out.pooled) for out in self.forward_backbone(crops)]
+    def forward(
+        self, crops: Sequence[torch.Tensor] | torch.Tensor, *, outputs: Collection[str] | None = None
+    ) -> list[CrossLevelOutput]:
+        """One `CrossLevelOutput` per resolution group of ``crops`` (rows crop-major).
+
+        ``outputs``: the fields to compute, passed to the head (e.g. ``loss.student_outputs``).
+        """
+        kwargs = {} if outputs is None else {"outputs": outputs}
+        return [self.head(out.tokens, out.pooled, **kwargs) for out in self.forward_backbone(crops)]
 
     @staticmethod
     def _as_crop_list(crops: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
@@ -147,6 +153,8 @@ class CMDNetwork(nn.Module):
                 raise ValueError(f"crops[{i}] must be a [B, C, H, W] tensor, got {shape}")
             if crop.shape[0] != batch:
                 raise ValueError(f"every crop must hold the same batch B = {batch}; crops[{i}] has {crop.shape[0]}")
+        if batch == 0:
+            raise ValueError("the crops hold an empty batch (B = 0): pass at least one image per crop")
         return crops
 
 

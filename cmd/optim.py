@@ -78,7 +78,7 @@ def set_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: flo
     """Set this iteration's learning rate and weight decay on every parameter group.
 
     Every group gets ``lr`` (times its ``"lr_scale"`` entry, if any). The weight decay is set on the
-    groups marked ``"apply_weight_decay": True`` (as made by :func:`param_groups`); a group without
+    groups marked ``"apply_weight_decay": True`` (as made by [`param_groups`][cmd.optim.param_groups]); a group without
     that mark gets it when its current weight decay is non-zero, so non-decayed groups stay at 0.
     Values are stored as Python floats (a numpy scalar from a schedule would not load with
     ``torch.load(weights_only=True)`` from a checkpoint of the optimiser).

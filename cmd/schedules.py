@@ -123,7 +123,12 @@ class EpochSchedule(Sequence[float]):
     def __getitem__(self, epoch):
         if isinstance(epoch, slice):
             return self.values[epoch]
-        epoch = operator.index(epoch)
+        try:
+            epoch = operator.index(epoch)
+        except TypeError:
+            raise TypeError(f"epoch must be an integer; got {epoch!r} ({type(epoch).__name__})") from None
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0; got {epoch}")
         if epoch >= len(self.values):
             return float(self.values[-1])
         return float(self.values[epoch])
@@ -145,37 +150,35 @@ class EpochSchedule(Sequence[float]):
         return f"EpochSchedule({self.values.tolist()!r})"
 
 
-def teacher_temperature_schedule(
-    warmup: float, final: float, warmup_epochs: int, n_epochs: int
-) -> EpochSchedule:
+def teacher_temperature_schedule(warmup: float, final: float, warmup_epochs: int) -> EpochSchedule:
     """The teacher temperature per epoch: ``linspace(warmup, final, warmup_epochs)``, then ``final``.
 
-    This is DINO's definition (method.md section 2: 0.04 -> 0.07 over 30 epochs). The result is indexed
-    by epoch and safe past ``n_epochs`` (it stays at ``final``). A warm-up longer than the run is cut at
-    ``n_epochs``; epochs past the end then give the last stored value.
+    DINO's table ``concatenate(linspace(warmup, final, warmup_epochs), ones(n_epochs - warmup_epochs) *
+    final)`` at every epoch where DINO defines it, and ``final`` past it: the result is indexed by
+    epoch and holds ``final`` for every later epoch, so it needs no run length (a run shorter than
+    the warm-up simply ends on the ramp; DINO refuses that case). This one schedule is used by the
+    losses (``CMDLoss.teacher_temperature``) and by training loops alike.
 
     Args:
         warmup: the temperature at epoch 0 (e.g. 0.04).
         final: the temperature after the warm-up (e.g. 0.07).
-        warmup_epochs: epochs of linear warm-up (>= 0).
-        n_epochs: the length of the run (>= 1).
+        warmup_epochs: epochs of linear warm-up (>= 0; 0: ``final`` from the start).
 
     Returns:
-        An :class:`EpochSchedule` of length ``n_epochs``.
+        An `EpochSchedule` of length ``warmup_epochs + 1`` (``schedule[epoch]`` or
+        ``schedule(epoch)``, any epoch >= 0).
 
     Example:
-        >>> t = teacher_temperature_schedule(0.04, 0.07, warmup_epochs=30, n_epochs=300)
+        >>> t = teacher_temperature_schedule(0.04, 0.07, warmup_epochs=30)
         >>> t[0], round(t[15], 6), t[29], t[299], t[1000]
         (0.04, 0.055517, 0.07, 0.07, 0.07)
     """
     warmup_epochs = _check_count("warmup_epochs", warmup_epochs, minimum=0)
-    n_epochs = _check_count("n_epochs", n_epochs, minimum=1)
     for name, value in (("warmup", warmup), ("final", final)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive finite temperature, got {value!r}")
-    ramp = np.linspace(warmup, final, warmup_epochs, dtype=np.float64)
-    values = np.concatenate([ramp, np.full(max(n_epochs - warmup_epochs, 0), final, dtype=np.float64)])
-    return EpochSchedule(values[:n_epochs])
+    # the ramp, then one ``final`` that every later epoch repeats (linspace(a, b, 1) == [a], as in DINO)
+    return EpochSchedule(np.append(np.linspace(warmup, final, warmup_epochs, dtype=np.float64), float(final)))
 
 
 def scale_lr(base_lr: float, total_batch: int, reference_batch: int = 256) -> float:

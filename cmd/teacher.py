@@ -71,22 +71,56 @@ def _paired(
     return names, [teacher[n] for n in names], [student[n] for n in names]
 
 
+def _check_finite(names: list[str], params: list[torch.Tensor]) -> None:
+    """Raise FloatingPointError naming the parameters that hold NaN or Inf.
+
+    Fused ``torch._foreach_norm`` calls (2-norms, accumulated in float32 for float16/bfloat16) over all
+    floating-point tensors, then one device-to-host read of a single bool. A norm is non-finite
+    whenever a value is; only then (or when a huge but finite tensor overflows its norm) are the
+    tensors checked one by one.
+    """
+    floating = [(n, p) for n, p in zip(names, params) if p.is_floating_point() or p.is_complex()]
+    half = [p for _, p in floating if p.dtype in (torch.float16, torch.bfloat16)]
+    other = [p for _, p in floating if p.dtype not in (torch.float16, torch.bfloat16)]
+    norms = list(torch._foreach_norm(half, 2, dtype=torch.float32)) if half else []
+    norms += list(torch._foreach_norm(other, 2)) if other else []
+    if not norms or bool(torch.isfinite(torch.stack([v.float() for v in norms])).all()):
+        return
+    bad = [n for n, p in floating if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise FloatingPointError(
+            f"the student has non-finite parameters or buffers (NaN or Inf): {_listing(bad)}; the teacher was "
+            "not updated. The training step diverged: lower the learning rate, clip gradients or check the "
+            "loss/inputs"
+        )
+
+
 @torch.no_grad()
-def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def update_teacher(
+    teacher: nn.Module, student: nn.Module, momentum: float, *, check_finite: bool = True
+) -> None:
     """Move ``teacher`` towards ``student`` in place: ``t <- m * t + (1 - m) * s`` for every parameter.
 
     Parameters are matched by name (``named_parameters``) with shape checks; buffers (BatchNorm
     running statistics, ...) are copied from the student. DDP / DataParallel / ``torch.compile``
     wrappers around either module are removed first. All parameters are updated by one
-    ``torch._foreach_lerp_`` (``t + (1 - m) * (s - t)``), all buffers by one ``torch._foreach_copy_``;
-    nothing is synchronised with the host.
+    ``torch._foreach_lerp_`` (``t + (1 - m) * (s - t)``), all buffers by one ``torch._foreach_copy_``.
+
+    With ``check_finite`` (the default) the student's parameters are checked first, so that a NaN or
+    Inf never reaches the teacher: fused ``torch._foreach_norm`` calls over them (a read of the
+    weights, about half the cost of the lerp: 12 ms vs 23 ms for ViT-S/16 on one CPU thread) and one
+    device-to-host sync for a single bool (on a GPU the host waits for the step's kernels to finish).
+    ``check_finite=False`` skips it: then nothing is synchronised with the host.
 
     Args:
         teacher: the EMA module (same architecture as the student).
         student: the trained module, possibly wrapped.
         momentum: m in [0, 1] as a Python float; 1 keeps the teacher, 0 copies the student.
+        check_finite: refuse a student with NaN/Inf parameters (one host sync; see above).
 
     Raises:
+        FloatingPointError: ``check_finite`` and a student parameter holds NaN or Inf (the parameters are
+            named; the teacher is left unchanged).
         ValueError: names or shapes differ (every mismatched name is listed), or momentum is outside [0, 1].
         TypeError: a parameter's dtype differs between teacher and student.
 
@@ -112,7 +146,10 @@ def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float) -> N
     ]
     if bad_dtype:
         raise TypeError(f"teacher and student parameters differ in dtype: {_listing(bad_dtype)}")
-    _, t_bufs, s_bufs = _paired(dict(teacher.named_buffers()), dict(student.named_buffers()), "buffers")
+    buf_names, t_bufs, s_bufs = _paired(dict(teacher.named_buffers()), dict(student.named_buffers()), "buffers")
+    if check_finite:
+        checked = (names, s_params) if momentum != 1.0 else ([], [])
+        _check_finite(checked[0] + buf_names, checked[1] + s_bufs)
 
     if t_params and momentum != 1.0:
         # lerp_(t, s, w) = t + w * (s - t) = m * t + (1 - m) * s with w = 1 - m.
@@ -132,7 +169,7 @@ class EMATeacher:
     total_steps) + 1) / 2``, i.e. ``cosine_schedule(momentum, final_momentum, 1, total_steps)[step]``
     (0.996 -> 1 over the run in DINO / CMD), and stays at ``final_momentum`` past ``total_steps``.
     Without it the momentum is constant. An internal step counter (``ema.step``) advances on every
-    :meth:`update`; it is part of :meth:`state_dict`, so a resumed run continues the schedule exactly.
+    [`update`][cmd.teacher.EMATeacher.update]; it is part of [`state_dict`][cmd.teacher.EMATeacher.state_dict], so a resumed run continues the schedule exactly.
 
     Args:
         student: the network to follow (may be wrapped in DDP or ``torch.compile``).
@@ -140,6 +177,9 @@ class EMATeacher:
         final_momentum: the momentum at the end of the schedule (used only with ``total_steps``).
         total_steps: the number of updates of the whole run (epochs x iterations per epoch), or None
             for a constant momentum.
+        check_finite: `update` refuses (FloatingPointError naming them) student parameters or
+            buffers holding NaN/Inf, so they never reach the teacher; costs fused norms and one
+            host sync per update (see `update_teacher`). False skips the check.
 
     Example:
         >>> import torch
@@ -157,7 +197,9 @@ class EMATeacher:
         momentum: float = 0.996,
         final_momentum: float = 1.0,
         total_steps: int | None = None,
+        check_finite: bool = True,
     ) -> None:
+        self.check_finite = bool(check_finite)
         self.momentum = _check_momentum(momentum, "momentum")
         self.final_momentum = _check_momentum(final_momentum, "final_momentum")
         if total_steps is not None:
@@ -180,9 +222,13 @@ class EMATeacher:
         Args:
             student: the trained network (same architecture; wrappers are removed).
             momentum: overrides the schedule for this update; the step counter advances anyway.
+
+        Raises:
+            FloatingPointError: ``check_finite`` and the student holds NaN/Inf (named); neither the teacher
+                nor the step counter changes.
         """
         m = self.momentum_at(self.step) if momentum is None else _check_momentum(momentum)
-        update_teacher(self.teacher, student, m)
+        update_teacher(self.teacher, student, m, check_finite=self.check_finite)
         self.step += 1
         return m
 
@@ -193,7 +239,7 @@ class EMATeacher:
     def state_dict(self) -> dict[str, Any]:
         """The schedule state (like an lr scheduler's): step counter and momentum settings.
 
-        The teacher's weights are ``ema.teacher.state_dict()``; :func:`cmd.save_checkpoint` stores both
+        The teacher's weights are ``ema.teacher.state_dict()``; [`cmd.save_checkpoint`][cmd.checkpoint.save_checkpoint] stores both
         when given the ``EMATeacher`` itself.
         """
         return {
@@ -204,7 +250,7 @@ class EMATeacher:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the step counter and momentum settings saved by :meth:`state_dict`."""
+        """Restore the step counter and momentum settings saved by [`state_dict`][cmd.teacher.EMATeacher.state_dict]."""
         unknown = sorted(set(state) - {"step", "momentum", "final_momentum", "total_steps"})
         if unknown or "step" not in state:
             raise ValueError(

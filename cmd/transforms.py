@@ -170,7 +170,7 @@ class MultiCropAugmentation:
     Each crop: random resized crop (bicubic, antialiased), horizontal flip, colour jitter (brightness
     0.4, contrast 0.4, saturation 0.2, hue 0.1) with p = 0.8, grayscale with p = 0.2, Gaussian blur
     (sigma in [0.1, 2.0]) with p = 1.0 on the first global crop, 0.1 on the second and 0.5 on local
-    crops (a separable kernel of three sigmas each side, see :func:`gaussian_blur`), solarisation (threshold 128) with p = 0.2 on the second global crop only, then conversion to
+    crops (a separable kernel of three sigmas each side, see `gaussian_blur`), solarisation (threshold 128) with p = 0.2 on the second global crop only, then conversion to
     float32 and normalisation. Global crops beyond the second reuse the second's recipe.
 
     The random operations run on uint8 tensors (a PIL input is converted first), so PIL and tensor
@@ -308,7 +308,7 @@ def multicrop_collate(batch: Sequence[Any]) -> tuple[list[torch.Tensor], Any]:
     """Collate multi-crop samples into one batch per crop position.
 
     Items are ``(crops, label)`` (or ``(crops, label, ...)``), where ``crops`` is the list returned by
-    :class:`MultiCropAugmentation`, or just ``crops``.
+    [`MultiCropAugmentation`][cmd.transforms.MultiCropAugmentation], or just ``crops``.
 
     Returns:
         ``(crops, labels)``: ``crops`` a list of ``n_crops`` tensors [B, 3, H_c, W_c] (crop ``c`` of every

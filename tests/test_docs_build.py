@@ -1,9 +1,11 @@
-"""`mkdocs build --strict` passes: no broken link, no unresolved API reference, no docstring warning."""
+"""`mkdocs build --strict` passes: no broken link, no unresolved API reference, no docstring warning;
+the built site loads no script or stylesheet from another host (MathJax and mermaid are vendored)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,40 @@ def _docs_toolchain_missing() -> str | None:
         except ModuleNotFoundError:
             return module
     return None
+
+
+_TAG = re.compile(r"<(script|link)\b[^>]*>", re.IGNORECASE)
+_ATTR = re.compile(r"""\b(src|href|rel)\s*=\s*["']([^"']*)["']""", re.IGNORECASE)
+
+
+def external_resources(html: str) -> list[str]:
+    """Scripts (``<script src>``) and stylesheets (``<link rel=stylesheet|preload|modulepreload>``)
+    of a page that are loaded from another host (``http:``, ``https:`` or protocol-relative ``//``)."""
+    found = []
+    for tag in _TAG.finditer(html):
+        attrs = {k.lower(): v for k, v in _ATTR.findall(tag.group(0))}
+        if tag.group(1).lower() == "script":
+            url = attrs.get("src", "")
+        elif set(attrs.get("rel", "").lower().split()) & {"stylesheet", "preload", "modulepreload"}:
+            url = attrs.get("href", "")
+        else:
+            continue
+        if re.match(r"(https?:)?//", url.strip(), re.IGNORECASE):
+            found.append(tag.group(0))
+    return found
+
+
+def test_external_resources_finds_cdn_scripts_and_stylesheets():
+    html = (
+        '<script src="../javascripts/vendor/mermaid/mermaid.min.js"></script>'
+        '<script src="https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-mml-chtml.js"></script>'
+        "<script>var url = 'https://unpkg.com/mermaid@11/dist/mermaid.min.js';</script>"
+        '<link rel="stylesheet" href="//fonts.googleapis.com/css?family=Roboto">'
+        '<link rel="stylesheet" href="../assets/stylesheets/main.css">'
+        '<a href="https://arxiv.org/abs/2401.08860">paper</a>'
+    )
+    found = external_resources(html)
+    assert len(found) == 2 and "jsdelivr" in found[0] and "googleapis" in found[1]
 
 
 def _load_extension():
@@ -68,3 +104,62 @@ def test_mkdocs_build_strict(tmp_path):
     pages = "".join(p.read_text() for p in (site / "api").rglob("*.html"))
     undocumented = [f"cmd.{m}.{n}" for n, m in cmd._LAZY_ATTRS.items() if f'id="cmd.{m}.{n}"' not in pages]
     assert not undocumented, f"no API entry rendered for {undocumented}"
+
+    # Offline: every script and stylesheet comes from the site itself, MathJax and mermaid included.
+    html_pages = sorted(site.rglob("*.html"))
+    external = {str(p.relative_to(site)): external_resources(p.read_text()) for p in html_pages}
+    external = {page: tags for page, tags in external.items() if tags}
+    assert not external, f"pages load scripts or stylesheets from another host: {external}"
+    css_external = [
+        str(p.relative_to(site))
+        for p in site.rglob("*.css")
+        if re.search(r"""(@import\s+(url\()?|url\()\s*["']?(https?:)?//""", p.read_text(errors="replace"))
+    ]
+    assert not css_external, f"stylesheets import or load from another host: {css_external}"
+    vendored = ("javascripts/vendor/mathjax/tex-svg.js", "javascripts/vendor/mermaid/mermaid.min.js")
+    for path in vendored:
+        assert (site / path).stat().st_size > 100_000, f"{path} is missing from the built site"
+    concepts = (site / "concepts" / "index.html").read_text()
+    assert all(path in concepts for path in vendored), "a page does not load the vendored MathJax / mermaid"
+    assert 'class="mermaid"' in concepts and 'class="arithmatex"' in concepts
+
+    # Sphinx roles would print literally in the API reference: docstrings use mkdocstrings cross-references.
+    roles = sorted(set(re.findall(r":(?:class|func|meth|attr|mod|exc|obj|data):(?:`|<code>)[^<`]*", pages)))
+    assert not roles, f"Sphinx roles printed literally in the API reference: {roles}"
+
+
+def _load_vendor_hook():
+    spec = importlib.util.spec_from_file_location("docs_vendor_js", ROOT / "docs" / "_hooks" / "vendor_js.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vendor_hook_checks_integrity_and_extracts(tmp_path):
+    pytest.importorskip("mkdocs", reason="the docs extra (mkdocs) is not installed")
+    import io
+    import tarfile
+
+    from mkdocs.exceptions import PluginError
+
+    hook = _load_vendor_hook()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in (("package/dist/lib.js", b"var lib = 1;"), ("package/LICENSE", b"MIT")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tarball = tmp_path / "lib-1.0.0.tgz"
+    tarball.write_bytes(buf.getvalue())
+    good = hook.Package("lib", "1.0.0", hook._integrity(tarball), {"dist/lib.js": "javascripts/vendor/lib.js"})
+    assert hook.fetch(good, tmp_path) == tarball  # cached and intact: no npm call
+    files = hook.extract(good, tarball, tmp_path)
+    assert files["javascripts/vendor/lib.js"].read_bytes() == b"var lib = 1;"
+    missing = good._replace(files={"dist/other.js": "x.js"})
+    with pytest.raises(PluginError, match="no package/dist/other.js"):
+        hook.extract(missing, tarball, tmp_path)
+    tampered = good._replace(integrity="sha512-" + "A" * 86 + "==")
+    with pytest.raises(PluginError, match="integrity"):
+        hook.fetch(tampered, tmp_path)
+    assert not tarball.exists()  # a tarball that fails the check is removed, to be fetched again
+    assert all(p.integrity.startswith("sha512-") for p in hook.PACKAGES)

@@ -65,7 +65,7 @@ def test_outputs_equal_per_crop_computation(image_input):
         per_crop.append(net.head(bo.tokens, bo.pooled))
     expected = [CrossLevelOutput.cat(per_crop[:2]), CrossLevelOutput.cat(per_crop[2:])]
     for got, exp in zip(outs, expected):
-        for name in ("image", "region", "features", "weights"):
+        for name in ("image", "region", "tokens", "mil_weights"):
             torch.testing.assert_close(getattr(got, name), getattr(exp, name), atol=1e-5, rtol=1e-5)
     # crop-major rows: split gives back crop c
     torch.testing.assert_close(outs[1].split(3)[2].image, per_crop[4].image, atol=1e-5, rtol=1e-5)
@@ -155,7 +155,7 @@ def test_real_timm_backbone(name, kwargs, tokens):
     with torch.no_grad():
         outs = net(crops)
         assert [(o.batch_size, o.num_tokens) for o in outs] == [(4, tokens[0]), (6, tokens[1])]
-        assert outs[0].features.shape == (4, tokens[0], dim) and outs[1].region.shape == (6, tokens[1], K)
+        assert outs[0].tokens.shape == (4, tokens[0], dim) and outs[1].region.shape == (6, tokens[1], K)
         alone = backbone(crops[3])
         expected = net.head(alone.tokens, alone.pooled)
         torch.testing.assert_close(outs[1].split(3)[1].region, expected.region, atol=1e-4, rtol=1e-4)

@@ -75,27 +75,40 @@ def test_cosine_value_matches_schedule_and_holds_final():
     assert cosine_value(0.996, 1.0, 10 * total, total) == 1.0
 
 
-def test_teacher_temperature_schedule():
-    t = teacher_temperature_schedule(0.04, 0.07, warmup_epochs=30, n_epochs=100)
-    want = [0.04 + 0.03 * e / 29 for e in range(30)] + [0.07] * 70
-    assert len(t) == 100
-    np.testing.assert_allclose(np.asarray(t), want, rtol=1e-12)
-    assert t[0] == 0.04 and t[29] == pytest.approx(0.07) and t[99] == 0.07
-    assert t[100] == 0.07 and t[10**6] == 0.07  # safe past the end
-    assert t(12) == t[12] and isinstance(t[3], float)
-    assert list(t)[:2] == [t[0], t[1]] and t[:3].shape == (3,)
+def _dino_teacher_temp_table(warmup, final, warmup_epochs, n_epochs):
+    """DINO's formula (main_dino.py / DINOLoss), written out: defined for epochs < n_epochs."""
+    return np.concatenate((np.linspace(warmup, final, warmup_epochs), np.ones(n_epochs - warmup_epochs) * final))
+
+
+@pytest.mark.parametrize(("warmup_epochs", "n_epochs"), [(30, 100), (30, 30), (0, 5), (1, 3), (2, 2), (10, 300)])
+def test_teacher_temperature_schedule_equals_dino_formula_and_holds_final(warmup_epochs, n_epochs):
+    t = teacher_temperature_schedule(0.04, 0.07, warmup_epochs=warmup_epochs)
+    table = _dino_teacher_temp_table(0.04, 0.07, warmup_epochs, n_epochs)
+    assert [t[e] for e in range(n_epochs)] == pytest.approx(list(table), abs=1e-15)
+    assert t[n_epochs] == 0.07 and t[10**6] == 0.07  # past DINO's table: the final value
+    assert t(3) == t[3] and isinstance(t[3], float)
+
+
+def test_teacher_temperature_schedule_is_the_losses_schedule():
+    from cmd.losses import CMDLoss
+
+    loss = CMDLoss.from_preset("dino", out_dim=4, warmup_teacher_temp_epochs=30)
+    t = teacher_temperature_schedule(0.04, 0.07, 30)
+    # the issue's example: warm-up 30, a 10-epoch run: epochs 10 / 20 / 40 follow DINO's ramp
+    assert [loss.teacher_temperature(e) for e in (10, 20, 40)] == [t[10], t[20], t[40]]
+    assert t[10] == pytest.approx(0.04 + 0.03 * 10 / 29) and t[40] == 0.07
 
 
 def test_teacher_temperature_edges():
-    assert list(teacher_temperature_schedule(0.04, 0.07, 0, 3)) == [0.07, 0.07, 0.07]
-    single = teacher_temperature_schedule(0.04, 0.07, 1, 3)
-    assert list(single) == [0.04, 0.07, 0.07]  # linspace(a, b, 1) == [a], as in DINO
-    short = teacher_temperature_schedule(0.04, 0.07, 30, 10)  # warm-up cut at the run's end
-    assert len(short) == 10 and short[9] == pytest.approx(0.04 + 0.03 * 9 / 29) and short[50] == short[9]
     with pytest.raises(ValueError, match="warmup"):
-        teacher_temperature_schedule(0.0, 0.07, 3, 10)
-    with pytest.raises(ValueError, match="n_epochs"):
-        teacher_temperature_schedule(0.04, 0.07, 3, 0)
+        teacher_temperature_schedule(0.0, 0.07, 3)
+    with pytest.raises(TypeError):
+        teacher_temperature_schedule(0.04, 0.07, 3, 10)  # no run length: the schedule does not need one
+    t = teacher_temperature_schedule(0.04, 0.07, 3)
+    with pytest.raises(ValueError, match="epoch"):
+        t[-1]
+    with pytest.raises(TypeError, match="epoch"):
+        t[1.5]
     with pytest.raises(ValueError, match="non-empty"):
         EpochSchedule([])
 

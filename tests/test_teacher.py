@@ -163,3 +163,42 @@ def test_ema_state_dict_resumes_the_schedule():
     assert [b.update(student) for _ in range(3)] == [a.update(student) for _ in range(3)]
     with pytest.raises(ValueError, match="EMATeacher state"):
         b.load_state_dict({"teacher.weight": torch.zeros(1)})
+
+
+def test_update_refuses_nan_or_inf_student_weights_and_names_them():
+    """Issue 15 item 9: a NaN student weight used to be copied into the teacher."""
+    import pytest
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    ema = EMATeacher(student, momentum=0.5)
+    before = {k: v.clone() for k, v in ema.teacher.state_dict().items()}
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            student[2].weight[1, 3] = bad
+        with pytest.raises(FloatingPointError, match=r"non-finite .*: 2\.weight; the teacher was not updated"):
+            ema.update(student)
+        assert ema.step == 0
+        assert all(torch.equal(before[k], v) for k, v in ema.teacher.state_dict().items())
+    with torch.no_grad():
+        student[2].weight[1, 3] = 0.0
+        student[1].running_var[0] = float("nan")  # a buffer, copied as is: checked too
+    with pytest.raises(FloatingPointError, match=r"1\.running_var"):
+        ema.update(student)
+    # opting out copies what the student holds
+    unchecked = EMATeacher(student, momentum=0.5, check_finite=False)
+    unchecked.update(student)
+    assert torch.isnan(unchecked.teacher[1].running_var[0])
+
+
+def test_finite_check_has_no_false_alarm_for_large_half_precision_weights():
+    student = torch.nn.Linear(64, 64).half()  # 2-norm accumulated in float32
+    with torch.no_grad():
+        student.weight.fill_(60000.0)  # a float16 2-norm would overflow
+    ema = EMATeacher(student, momentum=0.9)
+    ema.update(student)
+    assert torch.isfinite(ema.teacher.weight).all()
+    big = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        big.weight.fill_(1e30)  # finite, but its float32 2-norm overflows: checked one by one, accepted
+    EMATeacher(big, momentum=0.9).update(big)

@@ -66,3 +66,114 @@ def test_plot_embeddings(tmp_path, method):
     assert (tmp_path / "emb.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="method"):
         viz.plot_embeddings(feats, labels, method="umap")
+
+
+def test_plot_embeddings_rejects_bad_input():
+    feats, labels = torch.randn(10, 4), torch.arange(10) % 2
+    with pytest.raises(ValueError, match="N == len"):
+        viz.plot_embeddings(feats, labels[:9], method="pca")
+    with pytest.raises(ValueError, match="N, D"):
+        viz.plot_embeddings(torch.randn(10), labels, method="pca")
+    with pytest.raises(ValueError, match="at least 3"):
+        viz.plot_embeddings(feats[:2], labels[:2], method="pca")
+    bad = feats.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        viz.plot_embeddings(bad, labels, method="pca")
+
+
+def test_plot_embeddings_pca_separates_classes_and_names_them(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    feats = 10 * torch.eye(3, 16)[labels] + 0.1 * torch.randn(60, 16, generator=g)
+    fig = viz.plot_embeddings(feats, labels, method="pca", class_names=["a", "b", "c"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b", "c"]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 60
+
+
+def _write_csv(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_plot_step_curves(tmp_path):
+    csv_path = _write_csv(
+        tmp_path / "steps.csv", "step,loss,lr,teacher_temperature\n1,5.0,0.1,0.04\n2,4.5,0.2,\n3,4.0,0.3,0.05\n"
+    )
+    fig = viz.plot_step_curves(csv_path, tmp_path / "steps.png")
+    assert (tmp_path / "steps.png").stat().st_size > 1000
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "lr", "teacher_temperature"]
+    xs, ys = fig.axes[2].lines[0].get_data()
+    assert list(xs) == [1.0, 3.0] and list(ys) == [0.04, 0.05]  # the empty cell is skipped
+    fig = viz.plot_step_curves(csv_path, columns=["lr"])
+    assert [ax.get_title() for ax in fig.axes] == ["lr"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("epoch,loss\n1,2.0\n", "no 'step' column"),
+        ("step,loss\n", "no data rows"),
+        ("step,loss\n1,abc\n", "not a number"),
+        ("step\n1\n", "no scalar column"),
+    ],
+)
+def test_plot_step_curves_rejects_bad_files(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        viz.plot_step_curves(_write_csv(tmp_path / "bad.csv", text))
+    good = _write_csv(tmp_path / "good.csv", "step,loss\n1,1.0\n")
+    with pytest.raises(ValueError, match="not in"):
+        viz.plot_step_curves(good, columns=["lr"])
+
+
+def test_plot_knn_over_epochs(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [{"epoch": 0, "knn_top1": 5.0}, {"epoch": 1, "loss": 3.0}, {"epoch": 2, "loss": 2.0, "knn_top1": 20.0}]
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    fig = viz.plot_knn_over_epochs(log, tmp_path / "knn.png")
+    assert (tmp_path / "knn.png").stat().st_size > 1000
+    xs, ys = fig.axes[0].lines[0].get_data()
+    assert list(xs) == [0, 2] and list(ys) == [5.0, 20.0]
+    log.write_text(json.dumps({"epoch": 1, "loss": 3.0}))
+    with pytest.raises(ValueError, match="knn_top1"):
+        viz.plot_knn_over_epochs(log)
+
+
+def test_sample_across_classes():
+    labels = torch.arange(100) % 10  # 10 classes, 10 images each
+    idx = viz.sample_across_classes(labels, per_class=2, max_images=16)
+    assert len(idx) == 16 and len(set(idx)) == 16
+    picked = labels[idx]
+    assert len(set(picked.tolist())) == 8 and all((picked == c).sum() == 2 for c in set(picked.tolist()))
+    assert set(labels[viz.sample_across_classes(labels, per_class=1, max_images=32)].tolist()) == set(range(10))
+    assert viz.sample_across_classes(labels, seed=1) == viz.sample_across_classes(labels, seed=1)
+    with pytest.raises(ValueError, match="per_class"):
+        viz.sample_across_classes(labels, per_class=0)
+
+
+def test_attention_grid_titles_colorbar_and_part_outline(tmp_path):
+    import cmd
+    from cmd.data import SyntheticFineGrained
+
+    data = SyntheticFineGrained(n_classes=4, n_per_class=3, image_size=32, split="test", return_part_mask=True)
+    idx = viz.sample_across_classes(data.targets, per_class=1, max_images=4)
+    samples = [data[i] for i in idx]
+    images = torch.stack([torch.tensor(np.array(s[0]), dtype=torch.float32).permute(2, 0, 1) / 255 for s in samples])
+    labels = [s[1] for s in samples]
+    masks = torch.stack([s[2] for s in samples])
+    backbone = cmd.create_backbone("vit_tiny", depth=1, patch_size=8, embed_dim=24, num_heads=2)
+    net = cmd.CMDNetwork(backbone, cmd.CrossLevelHead(backbone.embed_dim, out_dim=16, hidden_dim=32, bottleneck_dim=8))
+    fig = viz.save_attention_grid(net, images, labels=labels, class_names=data.classes, part_masks=masks, n_cols=2)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [data.classes[y] for y in labels]
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+    outlined = [ax for ax in fig.axes if any(type(c).__name__ in ("QuadContourSet", "ContourSet") or
+                                             "Contour" in type(c).__name__ for c in ax.collections)]
+    assert len(outlined) == 2 * len(idx)  # image and overlay of every sample
+    viz.save_attention_grid(net, images, tmp_path / "grid.png", labels=labels, part_masks=masks[:, ::2, ::2])
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="labels"):
+        viz.save_attention_grid(net, images, labels=labels[:2])
+    with pytest.raises(ValueError, match="part_masks"):
+        viz.save_attention_grid(net, images, part_masks=masks[:2])

@@ -5,6 +5,8 @@
 * `Backbone.forward` gives a `BackboneOutput` (``pooled [B, D]``, ``tokens [B, N, D]``, ``grid``);
   `Backbone.forward_multicrop` batches consecutive same-size crops; `Backbone.forward_last_blocks`
   gives linear-probe features.
+* ``numerics="esvit"`` / ``"dino"`` reproduce EsViT's Swin / DINO's ViT exactly at every crop size
+  (`cmd.backbones.numerics`); `create_backbone` picks them for EsViT / DINO checkpoints.
 * `load_checkpoint` / `export_checkpoint` read and write DINO, EsViT/CMD (original Swin layout), timm and
   this library's checkpoints.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 from .backbone import FAMILIES, Backbone
 from .checkpoints import LoadReport, export_checkpoint, load_checkpoint, read_checkpoint_file
 from .factory import ALIASES, create_backbone, resolve_model_name
+from .numerics import NUMERICS, apply_numerics
 from .output import BackboneOutput
 
 __all__ = [
@@ -29,6 +32,8 @@ __all__ = [
     "Backbone",
     "BackboneOutput",
     "LoadReport",
+    "NUMERICS",
+    "apply_numerics",
     "create_backbone",
     "export_checkpoint",
     "load_checkpoint",

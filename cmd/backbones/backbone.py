@@ -36,10 +36,11 @@ the patch size (ViT: 16, Swin: 4). Swin keeps the windows it was built for (the 
 creation, 224 by default) and pads a stage whose resolution is not a multiple of the window: a 96 px
 crop gives 24, 12, 6, 3 tokens per side and a final 3x3 grid, 160 px gives 5x5, 192 px 6x6.
 
-EsViT vs timm at 96 px: converted EsViT/CMD Swin weights give bit-identical 224 px features in timm,
-but for 96 px local crops EsViT pads and shifts its windows differently from timm, so local-crop
-features differ slightly (max abs difference about 0.05 on pooled features of scale 0.8). Continuing
-training from an EsViT checkpoint in this library is sound, only not bit-exact on local crops.
+Numerics. ``numerics`` says whose forward pass the backbone reproduces: ``"timm"`` (default),
+``"esvit"`` (Swin: LayerNorm eps 1e-6, pad-then-shift windows) or ``"dino"`` (ViT: DINO's
+position-embedding interpolation); see `cmd.backbones.numerics` for the measured differences.
+`create_backbone` picks EsViT's / DINO's numerics for their checkpoints; `Backbone.set_numerics`
+switches a backbone built with timm's.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class Backbone(nn.Module):
             0 for Swin and CNNs.
         patch_size: (ph, pw), input height and width must be multiples of it (1 for CNNs).
         pooling: ``"cls"`` or ``"mean"``.
+        numerics: ``"timm"``, ``"esvit"`` or ``"dino"`` (see `cmd.backbones.numerics`), read from the model.
+        load_report: the `LoadReport` of the checkpoint `create_backbone` loaded, else None.
 
     Example:
         >>> import torch
@@ -147,9 +150,45 @@ class Backbone(nn.Module):
                 f"pooling='cls' needs a ViT with a class token; {self.name} (family {self.family!r}) has none"
             )
         self.pooling = pooling
+        self.load_report = None
+
+    @property
+    def numerics(self) -> str:
+        """``"esvit"`` / ``"dino"`` when the model computes that reference's numerics, else ``"timm"``."""
+        from .numerics import DINOVisionTransformer, EsViTSwinBlock
+
+        if isinstance(self.model, DINOVisionTransformer):
+            return "dino"
+        if self.family == "swin" and any(isinstance(m, EsViTSwinBlock) for m in self.model.modules()):
+            return "esvit"
+        return "timm"
+
+    def set_numerics(self, numerics: str) -> Backbone:
+        """Switch (in place) from timm's numerics to ``"esvit"`` (Swin) or ``"dino"`` (ViT); returns self.
+
+        Raises:
+            ValueError: an unknown value, a family the numerics do not apply to, or a backbone that
+                already computes other non-timm numerics.
+
+        Example:
+            >>> from cmd.backbones import create_backbone
+            >>> create_backbone("vit_tiny", depth=1).set_numerics("dino").numerics
+            'dino'
+        """
+        from .numerics import apply_numerics
+
+        current = self.numerics
+        if numerics == current:
+            return self
+        if current != "timm":
+            raise ValueError(f"{self.name} already computes {current!r} numerics; build a new backbone for {numerics!r}")
+        apply_numerics(self.model, numerics)
+        return self
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, family={self.family!r}, embed_dim={self.embed_dim}, pooling={self.pooling!r}"
+        text = f"name={self.name!r}, family={self.family!r}, embed_dim={self.embed_dim}, pooling={self.pooling!r}"
+        numerics = self.numerics
+        return text + (f", numerics={numerics!r}" if numerics != "timm" else "")
 
     # ------------------------------------------------------------------ input checks
     def _check_input(self, x: torch.Tensor, what: str = "x") -> None:
@@ -159,6 +198,13 @@ class Backbone(nn.Module):
             )
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"{what} must have shape [B, {self.in_chans}, H, W], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{what} has dtype {x.dtype}; the backbone takes float images: convert uint8 images with "
+                "x.float() / 255 and normalise them (cmd.eval_transform / the training transforms do both)"
+            )
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} is an empty batch (shape {list(x.shape)}): pass at least one image")
         ph, pw = self.patch_size
         h, w = x.shape[-2:]
         if h % ph or w % pw:
@@ -310,7 +356,9 @@ class Backbone(nn.Module):
         ]
 
     # ------------------------------------------------------------------ linear-probe features
-    def forward_last_blocks(self, x: torch.Tensor, n: int = 4, avgpool: bool = False) -> torch.Tensor:
+    def forward_last_blocks(
+        self, x: torch.Tensor, n: int = 4, avgpool: bool = False, avgpool_layout: str = "concat"
+    ) -> torch.Tensor:
         """Concatenated features of the last ``n`` blocks (stages for CNNs), for linear probing.
 
         Swin: mean token of each of the last n blocks, the final norm applied to blocks of the last
@@ -323,6 +371,11 @@ class Backbone(nn.Module):
             x: [B, 3, H, W] images.
             n: how many blocks; ``n=1`` gives ``pooled`` (ViT with ``pooling="cls"``, Swin, CNN).
             avgpool: ViT only: append the mean patch token of the last block.
+            avgpool_layout: with ``avgpool=True``: ``"concat"`` gives ``[cls, mean]`` (this library's
+                layout, any n); ``"dino"`` gives DINO's ``eval_linear.py`` layout, CLS and mean-patch
+                features interleaved channel by channel ``[cls_0, mean_0, cls_1, mean_1, ...]``
+                (DINO only supports it with n=1, e.g. its ViT-B linear heads), so DINO's released
+                linear classifiers apply to these features unchanged.
 
         Returns:
             [B, F] features, blocks in network order.
@@ -342,8 +395,19 @@ class Backbone(nn.Module):
             raise ValueError(
                 f"avgpool=True is for ViTs (it appends the mean patch token); {self.name} is {self.family}"
             )
+        if avgpool_layout not in ("concat", "dino"):
+            raise ValueError(f"avgpool_layout must be 'concat' or 'dino', got {avgpool_layout!r}")
+        if avgpool_layout == "dino" and avgpool and n != 1:
+            raise ValueError(
+                "avgpool_layout='dino' interleaves the CLS and mean-patch features of one block, as DINO's "
+                f"eval_linear.py does (it supports only n_last_blocks=1 with avgpool); got n={n}"
+            )
         if self.family == "vit":
-            return self._last_blocks_vit(x, n, avgpool)
+            feats = self._last_blocks_vit(x, n, avgpool)
+            if avgpool and avgpool_layout == "dino":
+                d = feats.shape[-1] // 2
+                feats = torch.stack((feats[:, :d], feats[:, d:]), dim=-1).flatten(1)
+            return feats
         if self.family == "swin":
             return self._last_blocks_swin(x, n)
         return self._last_blocks_cnn(x, n)

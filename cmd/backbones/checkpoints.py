@@ -11,11 +11,17 @@ Recognised sources (a path or an in-memory dict), `LoadReport.source_format` in 
   ``layers.{i}.downsample``; timm puts it at the *start* of stage i + 1), with or without a
   ``backbone.`` prefix, heads ``head.*`` / ``head_dense.*`` dropped; converted by timm's own
   ``timm.models.swin_transformer.checkpoint_filter_fn`` (``relative_position_index`` and
-  ``attn_mask`` buffers are recomputed, not loaded), window 7 and 14 [``"esvit"``]. Converted weights
-  give bit-identical 224 px features; 96 px local crops differ slightly because EsViT pads and shifts
-  windows differently (see `cmd.backbones.backbone`);
+  ``attn_mask`` buffers are recomputed, not loaded), window 7 and 14 [``"esvit"``]. The converted
+  weights reproduce EsViT's features (within 1e-5 at 224 and 96 px) only with EsViT's numerics
+  (``numerics="esvit"``: LayerNorm eps 1e-6 and pad-then-shift windows, see `cmd.backbones.numerics`);
+  with timm's they differ by ~1e-4 at 224 px and up to ~1 on 96 px tokens (Swin-T, random weights);
 * plain timm state dicts, bare or under ``"state_dict"`` / ``"model"``, classifier heads dropped
   [``"timm"``].
+
+`LoadReport.suggested_numerics` names the numerics that match the source: ``"esvit"`` for EsViT/CMD
+Swin checkpoints, ``"dino"`` for DINO ViT checkpoints, the stored ``"backbone_numerics"`` entry of a
+cmd-fgvc checkpoint, else ``"timm"``. `cmd.backbones.create_backbone` applies it; `load_checkpoint` on
+an existing backbone only reports it (``backbone.set_numerics(...)`` switches).
 
 Prefixes ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) are removed wherever they lead a key.
 Files are read with ``torch.load(..., map_location="cpu", weights_only=True)`` (``argparse.Namespace``
@@ -36,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from cmd._integrity import corrupt_member, is_raw_pickle, mismatched_tensors
 
 from .backbone import Backbone
 
@@ -61,6 +69,10 @@ class LoadReport:
         dropped: keys deliberately not loaded: heads (DINO/EsViT/CMD heads, timm classifiers) and the
             original Swin ``relative_position_index`` / ``attn_mask`` buffers that timm recomputes.
         loaded: how many tensors were copied into the model.
+        expected: how many tensors the model's state dict has.
+        suggested_numerics: the numerics matching the source (module docstring).
+        numerics: the numerics the backbone computes after loading.
+        numerics_reason: why (``"chosen from the checkpoint format 'esvit'"``, ``"explicit"``, ...).
 
     Example:
         >>> LoadReport(missing=[], unexpected=[], source_format="timm").ok
@@ -73,11 +85,46 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     loaded: int = 0
+    expected: int = 0
+    suggested_numerics: str = "timm"
+    numerics: str = "timm"
+    numerics_reason: str = ""
 
     @property
     def ok(self) -> bool:
         """True when every model key was loaded and nothing was left over (heads aside)."""
         return not (self.missing or self.unexpected or self.mismatched)
+
+    def problems(self, shown: int = 8) -> str:
+        """The counts and the first ``shown`` keys of each problem, ``""`` when `ok`."""
+        parts = []
+        if self.mismatched:
+            hint = "another architecture?"
+            if any("relative_position_bias_table" in m for m in self.mismatched):
+                hint = "another architecture or Swin window size? e.g. pass window_size=14 to create_backbone"
+            parts.append(f"{len(self.mismatched)} shape mismatches ({hint}): {self.mismatched[:shown]}")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing keys: {self.missing[:shown]}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected keys: {self.unexpected[:shown]}")
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        """One line: format, tensors loaded, numerics and why, and any problems.
+
+        Example:
+            >>> LoadReport([], [], "esvit", loaded=4, expected=4, numerics="esvit",
+            ...            numerics_reason="chosen from the checkpoint format 'esvit'").summary()
+            "esvit checkpoint: loaded 4 of 4 tensors; numerics 'esvit' (chosen from the checkpoint format 'esvit')"
+        """
+        text = f"{self.source_format} checkpoint: loaded {self.loaded} of {self.expected} tensors"
+        reason = self.numerics_reason
+        if not reason and self.suggested_numerics != self.numerics:
+            reason = (f"the checkpoint format suggests {self.suggested_numerics!r}: "
+                      f"backbone.set_numerics({self.suggested_numerics!r}) switches")
+        text += f"; numerics {self.numerics!r}" + (f" ({reason})" if reason else "")
+        problems = self.problems()
+        return text + (f"; {problems}" if problems else "")
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -90,8 +137,9 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
 
     Raises:
         FileNotFoundError: no such file.
-        RuntimeError: the file is truncated or corrupted, or holds pickled objects and ``trust_pickle``
-            is False.
+        RuntimeError: the file is truncated or corrupted (a ``torch.save`` zip member whose CRC-32 fails
+            is named, with the tensor entry when the file stores checksums), or holds pickled objects
+            (or is a raw ``pickle.dump`` file) and ``trust_pickle`` is False.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -113,14 +161,20 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
         loader = {"weights_only": False}
     else:
         loader = {"weights_only": True}
+    damaged = corrupt_member(path)  # torch.load does not check the zip's CRC-32s
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", **loader)
+            obj = torch.load(path, map_location="cpu", **loader)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
-        if found is not None:
+        if found is not None and damaged is None:
             raise RuntimeError(
                 f"checkpoint file {path!r} holds a pickled Python object ({found.group(1)}) that "
+                "torch.load(weights_only=True) refuses; if you trust the file, pass trust_pickle=True"
+            ) from err
+        if is_raw_pickle(path):
+            raise RuntimeError(
+                f"checkpoint file {path!r} is a raw pickle (written by pickle.dump, not torch.save) that "
                 "torch.load(weights_only=True) refuses; if you trust the file, pass trust_pickle=True"
             ) from err
         raise RuntimeError(
@@ -130,6 +184,14 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
         raise RuntimeError(
             f"could not read checkpoint file {path!r}: truncated or corrupted ({_first_line(err)})"
         ) from err
+    if damaged is not None:
+        entries = mismatched_tensors(obj, obj.get("checksums")) if isinstance(obj, dict) else []
+        raise RuntimeError(
+            f"could not read checkpoint file {path!r}: corrupted ("
+            + (f"entries {entries[:_SHOWN]}, " if entries else "")
+            + f"zip member {damaged} fails its CRC-32 check)"
+        )
+    return obj
 
 
 def _first_line(err: BaseException) -> str:
@@ -284,6 +346,7 @@ def load_checkpoint(
         raise TypeError(f"source must be a path or a dict, got {type(source).__name__}")
 
     raw, wrapper = _unwrap(obj, checkpoint_key, where)
+    stored_numerics = obj.get("backbone_numerics") if wrapper == FORMAT_NAME else None
     model = backbone.model
     model_sd = model.state_dict()
     sd, dropped = _normalise_keys(raw, set(model_sd))
@@ -321,23 +384,23 @@ def load_checkpoint(
     loadable = {k: v for k, v in sd.items() if k in model_sd and v.shape == model_sd[k].shape}
     missing = [k for k in model_sd if k not in sd]
     unexpected = [k for k in sd if k not in model_sd]
-    report = LoadReport(missing, unexpected, source_format, mismatched, dropped, loaded=len(loadable))
+    from .numerics import NUMERICS, numerics_for_format
+
+    if stored_numerics in NUMERICS:
+        suggested = stored_numerics
+    else:
+        suggested = numerics_for_format(source_format, backbone.family)
+    report = LoadReport(
+        missing, unexpected, source_format, mismatched, dropped, loaded=len(loadable), expected=len(model_sd),
+        suggested_numerics=suggested, numerics=backbone.numerics,
+    )
 
     if strict and not report.ok:
-        problems = []
-        if mismatched:
-            hint = "another architecture?"
-            if any("relative_position_bias_table" in m for m in mismatched):
-                hint = "another architecture or Swin window size? e.g. pass window_size=14 to create_backbone"
-            problems.append(f"{len(mismatched)} shape mismatches ({hint}): {mismatched[:_SHOWN]}")
-        if missing:
-            problems.append(f"{len(missing)} missing keys: {missing[:_SHOWN]}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys: {unexpected[:_SHOWN]}")
         key_text = f", checkpoint_key {checkpoint_key!r}" if wrapper not in ("", *_WRAPPER_KEYS) else ""
         raise ValueError(
             f"{where} ({source_format}{key_text}) does not fit {backbone.name}: "
-            + "; ".join(problems)
+            f"{report.loaded} of {report.expected} model tensors would load; "
+            + report.problems(_SHOWN)
             + ". Pass strict=False to load what fits and get a LoadReport."
         )
     model.load_state_dict(loadable, strict=False)

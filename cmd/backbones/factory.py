@@ -65,6 +65,9 @@ def create_backbone(
     checkpoint: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     checkpoint_key: str = "teacher",
     pooling: str | None = None,
+    numerics: str | None = None,
+    strict: bool = True,
+    trust_pickle: bool = False,
     **timm_kwargs: Any,
 ) -> Backbone:
     """Create a `Backbone` from a timm model name or a short alias.
@@ -78,10 +81,19 @@ def create_backbone(
             registers too), Swin (``swin_*``; EsViT's Swin-T W14 is ``swin_tiny`` with
             ``window_size=14``) or CNN with a spatial last feature map (``resnet*``, ``convnext_*``).
         pretrained: load timm's pretrained weights (needs network or a filled Hugging Face cache).
-        checkpoint: a path or a state dict loaded with `load_checkpoint` (strict): this library's
-            checkpoints, DINO, EsViT/CMD Swin, or timm state dicts.
+        checkpoint: a path or a state dict loaded with `load_checkpoint`: this library's
+            checkpoints, DINO, EsViT/CMD Swin, or timm state dicts. Its `LoadReport` (with the numerics
+            chosen and why) is ``backbone.load_report``.
         checkpoint_key: which network of a training checkpoint to take (``"teacher"`` or ``"student"``).
         pooling: ``"cls"`` or ``"mean"`` for ViTs (see `Backbone`).
+        numerics: whose forward pass to reproduce: ``"timm"``, ``"esvit"`` (Swin: EsViT/CMD's LayerNorm
+            eps 1e-6 and pad-then-shift windows) or ``"dino"`` (ViT: DINO's position-embedding
+            interpolation); see `cmd.backbones.numerics`. ``None`` (default): ``"timm"``, or with a
+            ``checkpoint`` the numerics of its format (EsViT/CMD Swin -> ``"esvit"``, DINO ViT ->
+            ``"dino"``, a cmd-fgvc checkpoint's stored ``backbone_numerics``). An explicit value wins.
+        strict: refuse a checkpoint that does not fill the backbone exactly (heads aside); with False,
+            load what fits (see ``backbone.load_report``).
+        trust_pickle: read the checkpoint file with ``weights_only=False`` (warns; trusted files only).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``window_size=14``, ``drop_path_rate=0.1``,
             ``img_size=...``, or small test configs such as ``depth=2``).
 
@@ -89,19 +101,29 @@ def create_backbone(
         The `Backbone` (in training mode, as timm returns it).
 
     Raises:
-        ValueError: unknown name, or both ``pretrained`` and ``checkpoint``.
+        ValueError: unknown name or numerics, both ``pretrained`` and ``checkpoint``, or (strict) a
+            checkpoint that does not fit; the message gives the counts and the first keys.
         RuntimeError: ``pretrained=True`` and the weights cannot be fetched.
 
     Example:
         >>> bb = create_backbone("swin_tiny", embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
-        >>> bb.family, bb.embed_dim
-        ('swin', 192)
+        >>> bb.family, bb.embed_dim, bb.numerics
+        ('swin', 192, 'timm')
+        >>> from cmd.backbones import export_checkpoint
+        >>> esvit = export_checkpoint(bb, layout="esvit", wrap_key="teacher")  # EsViT's layout
+        >>> create_backbone("swin_tiny", embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+        ...                 checkpoint=esvit).numerics
+        'esvit'
     """
     import timm
+
+    from .numerics import NUMERICS
 
     timm_name = resolve_model_name(name)
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True or checkpoint=..., not both")
+    if numerics is not None and numerics not in NUMERICS:
+        raise ValueError(f"numerics must be one of {NUMERICS} or None, got {numerics!r}")
     kwargs: dict[str, Any] = {"num_classes": 0, **_size_kwargs(timm_name)}
     kwargs.update(timm_kwargs)
     if pretrained:
@@ -117,8 +139,23 @@ def create_backbone(
     else:
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     backbone = Backbone(model, name=timm_name, pooling=pooling)
-    if checkpoint is not None:
-        from .checkpoints import load_checkpoint
+    if checkpoint is None:
+        backbone.set_numerics(numerics or "timm")
+        return backbone
+    from .checkpoints import load_checkpoint
 
-        load_checkpoint(backbone, checkpoint, checkpoint_key=checkpoint_key, strict=True)
+    report = load_checkpoint(
+        backbone, checkpoint, checkpoint_key=checkpoint_key, strict=strict, trust_pickle=trust_pickle
+    )
+    if numerics is not None:
+        reason = "explicit" + (
+            f"; the checkpoint format suggests {report.suggested_numerics!r}"
+            if report.suggested_numerics != numerics else ""
+        )
+    else:
+        numerics = report.suggested_numerics
+        reason = f"chosen from the checkpoint format {report.source_format!r}; pass numerics= to override"
+    backbone.set_numerics(numerics)
+    report.numerics, report.numerics_reason = numerics, reason
+    backbone.load_report = report
     return backbone

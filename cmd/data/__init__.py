@@ -2,7 +2,7 @@
 
 Every dataset yields ``(image, label)`` with an RGB PIL image (or ``transform(image)``), like
 torchvision's datasets, and exposes ``classes``, ``targets`` and ``num_classes``.
-:class:`SyntheticFineGrained` needs no files and is the default data of the examples and tests.
+[`SyntheticFineGrained`][cmd.data.SyntheticFineGrained] needs no files and is the default data of the examples and tests.
 
 Example:
     >>> from cmd.data import SyntheticFineGrained, build_dataset

@@ -6,25 +6,61 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import PIL.Image
 from torch.utils.data import Dataset
 
 __all__ = ["ImageListDataset", "load_rgb"]
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _sixteen_bit_to_l(image: PIL.Image.Image, path: str | os.PathLike) -> PIL.Image.Image:
+    """A 16-bit grayscale image (PIL mode ``I;16*`` or ``I``) scaled to 8 bits: ``round(v * 255 / 65535)``.
+
+    PIL's own ``convert("RGB")`` clips these values at 255 (a 16-bit image comes out almost white).
+    Mode ``I`` (32-bit integers, how some 16-bit files open) must hold values in [0, 65535].
+    """
+    values = np.asarray(image, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"image {os.fspath(path)} (PIL mode {image.mode!r}) has values in [{values.min()}, {values.max()}], "
+            "outside the 16-bit range [0, 65535]; convert it to an 8-bit image first"
+        )
+    return PIL.Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
 def load_rgb(path: str | os.PathLike) -> PIL.Image.Image:
     """Open an image file fully as an RGB PIL image.
+
+    16-bit grayscale images (PNG ``I;16`` / ``I``) are scaled to 8 bits (``v * 255 / 65535``, rounded)
+    rather than clipped at 255 as ``PIL.Image.convert`` does.
 
     Raises:
         FileNotFoundError: when the file does not exist.
         OSError: when the file is unreadable (a corrupt or truncated JPEG), naming the file.
+        PIL.Image.DecompressionBombError: an image above ``PIL.Image.MAX_IMAGE_PIXELS``, naming the file.
+        ValueError: a 32-bit integer image with values outside [0, 65535], naming the file.
     """
     try:
         with PIL.Image.open(path) as image:
+            if image.mode in _SIXTEEN_BIT_MODES:
+                image.load()
+                return _sixteen_bit_to_l(image, path).convert("RGB")
             return image.convert("RGB")  # convert() forces the full decode, so truncation shows here
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image file not found: {os.fspath(path)}") from err
-    except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for corrupt files
+    except PIL.Image.DecompressionBombError as err:
+        raise PIL.Image.DecompressionBombError(
+            f"image {os.fspath(path)} is too large to open safely ({err}); raise PIL.Image.MAX_IMAGE_PIXELS "
+            "(or set it to None) if you trust the file"
+        ) from err
+    except (OSError, SyntaxError) as err:  # PIL raises these for corrupt files
+        raise OSError(f"cannot read image {os.fspath(path)}: {err}") from err
+    except ValueError as err:
+        if os.fspath(path) in str(err):
+            raise
         raise OSError(f"cannot read image {os.fspath(path)}: {err}") from err
 
 
@@ -41,6 +77,8 @@ class ImageListDataset(Dataset):
         target_transform: applied to the label.
         source: what the sample list was read from, for error messages.
         check_files: check at construction that every file exists.
+        allow_empty_classes: accept classes without a sample (an evaluation split that uses the
+            training split's class list but lacks some of its classes); by default every class needs one.
 
     Attributes:
         samples, targets, classes, num_classes.
@@ -60,6 +98,7 @@ class ImageListDataset(Dataset):
         *,
         source: str = "the sample list",
         check_files: bool = True,
+        allow_empty_classes: bool = False,
     ) -> None:
         self.samples = [(os.fspath(path), int(label)) for path, label in samples]
         self.classes = list(classes)
@@ -76,7 +115,7 @@ class ImageListDataset(Dataset):
         for label in self.targets:
             counts[label] += 1
         empty = [self.classes[c] for c, n in enumerate(counts) if n == 0]
-        if empty:
+        if empty and not allow_empty_classes:
             raise ValueError(f"{source}: {len(empty)} classes have no image, e.g. {empty[:5]}")
         if check_files:
             missing = [path for path, _ in self.samples if not os.path.isfile(path)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ _ALIASES = {
     "image_folder": "imagefolder",
 }
 
-#: canonical dataset names accepted by :func:`build_dataset` (aliases such as "cub" or "cars" too)
+#: canonical dataset names accepted by `build_dataset` (aliases such as "cub" or "cars" too)
 DATASETS = ("synthetic", "cub200", "stanford_cars", "fgvc_aircraft", "imagefolder")
 
 
@@ -83,17 +84,87 @@ def _fgvc_aircraft(root: Path, split: str, transform, target_transform) -> Image
     )
 
 
-def _image_folder(root: Path, split: str, transform, target_transform) -> ImageListDataset:
-    from torchvision.datasets import ImageFolder
+def _class_folders(folder: Path) -> list[str]:
+    """The class names of an image folder: its sub-folders (symlinks to folders included), sorted."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir())
 
+
+def _image_files(class_dir: Path) -> list[str]:
+    """Image files under ``class_dir`` (recursively, torchvision's extensions and order).
+
+    Directory symlinks are followed, except one that leads back to a folder it sits in (a loop,
+    which ``os.walk(followlinks=True)`` would list again and again): that raises a ValueError
+    naming the link.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    per_folder: list[tuple[str, list[str]]] = []
+
+    def visit(directory: str, ancestors: frozenset[str]) -> None:
+        ancestors = ancestors | {os.path.realpath(directory)}
+        files = []
+        with os.scandir(directory) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                if entry.is_dir():
+                    target = os.path.realpath(entry.path)
+                    if target in ancestors:
+                        raise ValueError(
+                            f"directory symlink loop in an image folder: {entry.path} -> {target}, a folder that "
+                            "contains the link; remove the link"
+                        )
+                    visit(entry.path, ancestors)
+                elif entry.is_file() and has_file_allowed_extension(entry.name, IMG_EXTENSIONS):
+                    files.append(entry.path)
+        per_folder.append((directory, files))
+
+    visit(str(class_dir), frozenset())
+    return [path for _, files in sorted(per_folder) for path in files]
+
+
+def _image_folder(
+    root: Path, split: str, transform, target_transform, classes: list[str] | None = None
+) -> ImageListDataset:
     folder = root / split
     if not folder.is_dir():
         raise FileNotFoundError(
             f"image folder not found: {folder} (expected {folder}/<class>/<image>; "
             "pass split='' to read root/<class>/<image>)"
         )
-    data = ImageFolder(str(folder))  # raises, naming them, for class folders without images
-    return ImageListDataset(data.samples, data.classes, transform, target_transform, source=str(folder))
+    present = _class_folders(folder)
+    reference = "the classes= list"
+    if classes is None and split not in ("", "train") and (root / "train").is_dir():
+        classes, reference = _class_folders(root / "train"), str(root / "train")
+    if classes is None:
+        classes = present
+    else:
+        classes = list(classes)
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"{folder} has {len(unknown)} classes that {reference} lacks: {unknown[:10]}; the labels come "
+                f"from {reference}'s class list, so these images could not be labelled consistently"
+            )
+        absent = [c for c in classes if c not in present]
+        if absent:
+            warnings.warn(
+                f"{folder} has no folder for {len(absent)} of the {len(classes)} classes of {reference}: "
+                f"{absent[:10]}; labels follow {reference}'s class list",
+                stacklevel=3,
+            )
+    samples, empty = [], []
+    for index, name in enumerate(classes):
+        if name not in present:
+            continue
+        files = _image_files(folder / name)
+        if not files:
+            empty.append(name)
+        samples += [(path, index) for path in files]
+    if empty:
+        raise FileNotFoundError(f"{folder}: no image file in the class folders {empty[:10]}")
+    return ImageListDataset(
+        samples, classes, transform, target_transform, source=str(folder), allow_empty_classes=True
+    )
 
 
 def build_dataset(
@@ -109,9 +180,9 @@ def build_dataset(
 
     Names (case-insensitive, ``-`` or ``_``):
 
-    - ``"synthetic"``: :class:`SyntheticFineGrained` (``root`` unused; ``kwargs`` go to it, e.g.
+    - ``"synthetic"``: [`SyntheticFineGrained`][cmd.data.SyntheticFineGrained] (``root`` unused; ``kwargs`` go to it, e.g.
       ``n_classes``, ``image_size``, ``return_part_mask``).
-    - ``"cub200"`` / ``"cub"``: :class:`CUB200` from ``root`` (the ``CUB_200_2011`` folder or its
+    - ``"cub200"`` / ``"cub"``: [`CUB200`][cmd.data.CUB200] from ``root`` (the ``CUB_200_2011`` folder or its
       parent); splits ``train`` / ``test``.
     - ``"stanford_cars"`` / ``"cars"``: torchvision's ``StanfordCars`` layout under
       ``root/stanford_cars`` (``download=False``: torchvision cannot download it any more);
@@ -120,9 +191,13 @@ def build_dataset(
       ``root/fgvc-aircraft-2013b``, variant level (100 classes); ``train`` means ``trainval``
       (6,667 images, the protocol), also ``val``, ``test`` and ``train_only`` (torchvision's "train").
     - ``"imagefolder"``: ``root/split/<class>/<image>`` (``split=""`` reads ``root/<class>/<image>``),
-      with torchvision's ``ImageFolder`` rules.
+      with torchvision's ``ImageFolder`` file rules. Labels come from **one** class list, so that
+      splits agree: ``classes=[...]`` when given, else for a split other than ``train`` the class
+      folders of ``root/train`` when it exists, else the split's own folders (sorted). A class of the
+      split missing from that list raises a ValueError naming it; a listed class without a folder
+      in the split is allowed, with a warning. Directory symlink loops raise a ValueError naming the link.
 
-    The file-based datasets are :class:`ImageListDataset` objects: they expose ``samples``,
+    The file-based datasets are `ImageListDataset` objects: they expose ``samples``,
     ``targets``, ``classes`` and ``num_classes``, and name the file in every error (a missing
     dataset says where to put the files).
 
@@ -140,7 +215,12 @@ def build_dataset(
         raise ValueError(f"dataset {name!r} needs a root directory")
     if key == "cub200":
         return CUB200(root, split, transform, target_transform, **kwargs)
+    if key == "imagefolder":
+        classes = kwargs.pop("classes", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments for dataset {name!r}: {sorted(kwargs)}")
+        return _image_folder(Path(root), split, transform, target_transform, classes)
     if kwargs:
         raise TypeError(f"unexpected arguments for dataset {name!r}: {sorted(kwargs)}")
-    builder = {"stanford_cars": _stanford_cars, "fgvc_aircraft": _fgvc_aircraft, "imagefolder": _image_folder}[key]
+    builder = {"stanford_cars": _stanford_cars, "fgvc_aircraft": _fgvc_aircraft}[key]
     return builder(Path(root), split, transform, target_transform)

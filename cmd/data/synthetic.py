@@ -89,7 +89,7 @@ class SyntheticFineGrained(Dataset):
     datasets (so the same transforms work for it and for CUB), or ``transform(image)`` when a
     transform is given (e.g. ``cmd.MultiCropAugmentation`` or ``torchvision.transforms.ToTensor()``).
     ``part_mask`` is a bool tensor [H, W] in the frame of the *untransformed* image: a resize keeps
-    it valid for :func:`cmd.eval.part_weight_mass`, a crop or flip does not.
+    it valid for [`cmd.eval.part_weight_mass`][cmd.eval.part_weight_mass], a crop or flip does not.
 
     The samples are sorted by class: index ``i`` has label ``i // n_per_class``.
 

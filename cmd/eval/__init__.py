@@ -1,6 +1,6 @@
 """Evaluation on frozen features: extraction, k-NN, linear probing, retrieval, part localisation.
 
-``eval`` knows backbones only through a callable: :func:`extract_features` runs ``model(images)``
+``eval`` knows backbones only through a callable: [`extract_features`][cmd.eval.extract_features] runs ``model(images)``
 (or a ``forward(model, images)`` of your choice) over a loader, and the evaluators work on the
 resulting feature tensors.
 
@@ -19,7 +19,7 @@ from .label_fraction import class_balanced_subset
 from .linear import LinearProbe, probe_accuracy, train_linear_probe
 from .localisation import part_token_mask, part_weight_mass
 from .retrieval import average_precision, fine_grained_retrieval_split, retrieval_metrics
-from .search import InnerProductSearch
+from .search import InnerProductSearch, choose_backend
 
 __all__ = [
     "extract_features",
@@ -35,4 +35,5 @@ __all__ = [
     "fine_grained_retrieval_split",
     "average_precision",
     "InnerProductSearch",
+    "choose_backend",
 ]

@@ -44,6 +44,23 @@ def loader_batch_indices(loader: DataLoader) -> list[list[int]]:
     return first
 
 
+def _check_keeps_every_sample(loader: Any) -> None:
+    """Raise when ``loader`` would drop its last, partial batch (``drop_last=True``)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if not getattr(batch_sampler, "drop_last", False):
+        return
+    batch_size = getattr(batch_sampler, "batch_size", None)
+    try:
+        n = len(batch_sampler.sampler)
+    except (AttributeError, TypeError):
+        n = None
+    if n is None or not batch_size or n % batch_size:
+        raise ValueError(
+            f"the loader drops its last batch (drop_last=True, {n} samples, batch size {batch_size}): "
+            "features would be missing for some images; use drop_last=False"
+        )
+
+
 def _split_batch(batch: Any) -> tuple[torch.Tensor, Any]:
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise TypeError(
@@ -87,7 +104,7 @@ def extract_features(
 
     Each batch ``(images, labels, *extra)`` of ``loader`` (extra items such as part masks are
     ignored) goes through ``forward(model, images)`` when given, else ``model(images)``; a result
-    with a ``.pooled`` attribute (a :class:`cmd.backbones.BackboneOutput`) gives its image vector,
+    with a ``.pooled`` attribute (a [`cmd.backbones.BackboneOutput`][cmd.backbones.BackboneOutput]) gives its image vector,
     any other result must be a tensor [B, D]. For example
     ``forward=lambda m, x: m.forward_last_blocks(x, n=4, avgpool=False)`` extracts linear-probe
     features. The model runs in eval mode under ``torch.no_grad`` (its mode is restored after),
@@ -97,8 +114,9 @@ def extract_features(
     ``DistributedSampler``) and the rows of all processes are gathered **in dataset order without
     duplicates** (the sampler's padding repeats are dropped). The dataset index of every row is read
     from the loader's batch sampler, so datasets need not return their indices, but the sampler must
-    be deterministic (:func:`loader_batch_indices`) and must not drop samples (``drop_last=False``).
-    In a single process the rows keep the loader's order (dataset order for an unshuffled loader).
+    be deterministic (`loader_batch_indices`). In a single process the rows keep the loader's
+    order (dataset order for an unshuffled loader). In both cases a loader that would drop its last,
+    partial batch (``drop_last=True``) raises a ValueError rather than return fewer rows.
 
     Args:
         model: a module or any callable.
@@ -124,6 +142,7 @@ def extract_features(
     """
     device = _default_device(model) if device is None else torch.device(device)
     distributed = dist.is_dist() and dist.world_size() > 1
+    _check_keeps_every_sample(loader)
     batch_indices = loader_batch_indices(loader) if distributed else None
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.float16)

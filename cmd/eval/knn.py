@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .label_fraction import class_balanced_subset
-from .search import Backend, InnerProductSearch, check_features
+from .search import BACKENDS, Backend, InnerProductSearch, check_features
 
 __all__ = ["KNNClassifier", "check_labels"]
 
@@ -40,18 +40,23 @@ class KNNClassifier:
             to it, with a warning (the result keeps the requested k as key).
         temperature: T of the vote weights, > 0.
         num_classes: number of classes; inferred as ``max(train_labels) + 1`` when None.
-        backend: ``"faiss"`` (exact ``IndexFlatIP`` on the CPU) or ``"torch"`` (chunked matrix
-            products on the features' device, e.g. CUDA).
+        backend: ``"auto"`` (default: the faster exact search for the features' device and size:
+            torch's chunked matrix products on CUDA and for all but small training sets on the CPU,
+            faiss ``IndexFlatIP`` for small ones, see [`choose_backend`][cmd.eval.choose_backend]),
+            ``"torch"``, ``"faiss"``, or ``"faiss_ivf"`` (approximate ``IndexIVFFlat``, for
+            training sets too large for exact search; tune with ``nlist`` / ``nprobe``).
         batch_size: test samples per search step (bounds memory; the torch backend also walks the
             training set in chunks, so 1,000,000 x 768 training features are fine).
         normalize: L2-normalise train and test features (cosine similarity); set False only for
             features that are already normalised.
+        nlist: inverted lists of ``"faiss_ivf"`` (None: about ``sqrt(N)``).
+        nprobe: lists scanned per test sample by ``"faiss_ivf"``.
 
     Example:
         >>> import torch
         >>> train = torch.randn(100, 16)
         >>> labels = torch.arange(100) % 4
-        >>> knn = KNNClassifier(k=(1, 5), backend="torch").fit(train, labels)
+        >>> knn = KNNClassifier(k=(1, 5)).fit(train, labels)
         >>> knn.evaluate(train[:7], labels[:7])[1]["top1"]
         100.0
     """
@@ -61,9 +66,12 @@ class KNNClassifier:
         k: int | Sequence[int] = (10, 20, 100, 200),
         temperature: float = 0.07,
         num_classes: int | None = None,
-        backend: Backend = "faiss",
+        backend: Backend = "auto",
         batch_size: int = 1024,
         normalize: bool = True,
+        *,
+        nlist: int | None = None,
+        nprobe: int = 16,
     ) -> None:
         ks = (k,) if isinstance(k, int) else tuple(k)
         if not ks or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in ks):
@@ -72,8 +80,8 @@ class KNNClassifier:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-        if backend not in ("faiss", "torch"):
-            raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.ks: tuple[int, ...] = tuple(dict.fromkeys(ks))
@@ -82,13 +90,15 @@ class KNNClassifier:
         self.backend: Backend = backend
         self.batch_size = batch_size
         self.normalize = normalize
+        self.nlist = nlist
+        self.nprobe = nprobe
         self._search: InnerProductSearch | None = None
         self._train_labels: torch.Tensor | None = None
         self._num_classes: int | None = None
 
     @property
     def num_train(self) -> int:
-        """Number of training samples kept by :meth:`fit` (0 before)."""
+        """Number of training samples kept by [`fit`][cmd.eval.KNNClassifier.fit] (0 before)."""
         return 0 if self._train_labels is None else int(self._train_labels.shape[0])
 
     def fit(
@@ -105,7 +115,7 @@ class KNNClassifier:
             train_features: [N, D] floating tensor.
             train_labels: [N] integer labels in [0, num_classes).
             label_fraction: keep only a seeded, class-balanced fraction of the training samples
-                (see :func:`cmd.eval.label_fraction.class_balanced_subset`).
+                (see `cmd.eval.label_fraction.class_balanced_subset`).
             seed: seed of that draw.
 
         Returns:
@@ -124,7 +134,9 @@ class KNNClassifier:
         x = train_features.detach().float()
         if self.normalize:
             x = F.normalize(x, dim=1)
-        self._search = InnerProductSearch(x, backend=self.backend, batch_size=self.batch_size)
+        self._search = InnerProductSearch(
+            x, backend=self.backend, batch_size=self.batch_size, nlist=self.nlist, nprobe=self.nprobe
+        )
         self._train_labels = y
         self._num_classes = n_cls
         return self
@@ -157,10 +169,12 @@ class KNNClassifier:
         k_max = max(ks.values())
         sims, ids = self._search.search(q, k_max)  # [Q, k_max], best first
         sims, ids = sims.cpu(), ids.cpu()
-        neighbour_labels = self._train_labels[ids]  # [Q, k_max]
+        found = ids >= 0  # an approximate index may find fewer than k_max neighbours
+        neighbour_labels = self._train_labels[ids.clamp_min(0)]  # [Q, k_max]
         # exp(sim / T) up to a per-query factor exp(-max sim / T): the ranking is unchanged and
-        # the weights lie in (0, 1] for any temperature (no overflow).
-        weights = torch.exp((sims - sims[:, :1]) / self.temperature)
+        # the weights lie in (0, 1] for any temperature (no overflow); a missing neighbour weighs 0.
+        best = torch.where(found[:, :1], sims[:, :1], torch.zeros_like(sims[:, :1]))
+        weights = torch.where(found, torch.exp((sims - best) / self.temperature), torch.zeros_like(sims))
         out: dict[int, torch.Tensor] = {}
         for k, k_eff in ks.items():
             n_top = min(5, k_eff)

@@ -10,6 +10,13 @@ import torch
 __all__ = ["class_balanced_subset"]
 
 
+def check_label_fraction(fraction: float) -> float:
+    """``fraction`` if it is a number in (0, 1], else a ValueError saying so."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"label_fraction must be a number in (0, 1], got {fraction!r}")
+    return fraction
+
+
 def class_balanced_subset(
     labels: torch.Tensor | Sequence[int], fraction: float, seed: int = 0
 ) -> torch.Tensor:
@@ -31,8 +38,7 @@ def class_balanced_subset(
         >>> class_balanced_subset([0, 0, 0, 0, 1, 1], 0.5).tolist()
         [2, 3, 4]
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"label_fraction must be a number in (0, 1], got {fraction!r}")
+    check_label_fraction(fraction)
     y = torch.as_tensor(labels)
     if y.ndim != 1 or y.is_floating_point() or y.is_complex():
         raise ValueError(f"labels must be a 1-D integer sequence, got dtype {y.dtype} and shape {tuple(y.shape)}")

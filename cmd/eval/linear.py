@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from .features import _as_features, _default_device, _split_batch, extract_features
-from .label_fraction import class_balanced_subset
+from .label_fraction import check_label_fraction, class_balanced_subset
 
 __all__ = ["LinearProbe", "train_linear_probe", "probe_accuracy"]
 
@@ -140,7 +140,7 @@ def train_linear_probe(
     The backbone stays in eval mode under ``torch.no_grad`` throughout (BatchNorm statistics never
     drift; its mode is restored at the end). Features are
     ``backbone.forward_last_blocks(images, n=n_last_blocks, avgpool=avgpool)`` [B, D] (ViT: CLS of
-    the last blocks; Swin: pooled last blocks). One :class:`LinearProbe` per learning rate is trained
+    the last blocks; Swin: pooled last blocks). One [`LinearProbe`][cmd.eval.LinearProbe] per learning rate is trained
     in the same pass (same batches) with SGD (momentum 0.9, no weight decay by default), the rate
     following a cosine over the epochs (stepped per epoch), cross-entropy loss; each is evaluated on
     the validation set at the end.
@@ -202,6 +202,8 @@ def train_linear_probe(
     if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
         raise ValueError(f"learning rates must be positive and finite, got {rates!r}")
 
+    if label_fraction is not None:
+        check_label_fraction(label_fraction)
     device = _default_device(backbone) if device is None else torch.device(device)
     show = progress and dist.is_main_process()
 
@@ -235,6 +237,9 @@ def train_linear_probe(
                     )
                 loader = _subset_loader(train_loader, class_balanced_subset(targets, label_fraction, seed), seed)
             n_cls = num_classes or _infer_num_classes(train_loader.dataset)
+            known = _dataset_targets(train_loader.dataset)
+            if known is not None:  # fail before any training when the dataset's labels are known
+                _check_label_range(torch.tensor(known, dtype=torch.long), n_cls, "training")
             heads, num_train = _train_streaming(backbone, features_of, loader, rates, n_cls, epochs, momentum,
                                                 weight_decay, seed, device, amp, show)
         val_x, val_y = extract_features(
@@ -320,7 +325,10 @@ def _train_streaming(backbone, features_of, loader, rates, num_classes, epochs, 
         for batch in loader:
             images, labels = _split_batch(batch)
             images = images.to(device, non_blocking=True)
-            labels = torch.as_tensor(labels).reshape(-1).long().to(device)
+            labels = torch.as_tensor(labels).reshape(-1).long()
+            if labels.device.type == "cpu":  # free to check here; on an accelerator it would sync
+                _check_label_range(labels, num_classes, "training")
+            labels = labels.to(device)
             with torch.no_grad(), autocast:
                 feats = _as_features(features_of(backbone, images), images.shape[0])
             feats = feats.float()

@@ -18,7 +18,7 @@ def part_token_mask(part_masks: torch.Tensor, grid: tuple[int, int], min_overlap
     Args:
         part_masks: [B, H, W] bool (or 0/1) part masks in the frame of the image the tokens come
             from (a resize keeps them valid, a crop or flip does not).
-        grid: (h, w) token grid, row-major as in :class:`cmd.backbones.BackboneOutput`.
+        grid: (h, w) token grid, row-major as in [`cmd.backbones.BackboneOutput`][cmd.backbones.BackboneOutput].
         min_overlap: in [0, 1).
 
     Returns:
@@ -52,7 +52,7 @@ def part_weight_mass(
         weights: [B, N] region weights (MIL pooling weights, summing to 1 per row), N = h * w.
         part_masks: [B, H, W] bool part masks (e.g. ``SyntheticFineGrained(return_part_mask=True)``).
         grid: (h, w) token grid.
-        min_overlap: see :func:`part_token_mask`.
+        min_overlap: see `part_token_mask`.
 
     Returns:
         [B] float32 sum of the weights of the part's tokens (1 means all the weight is on the part;

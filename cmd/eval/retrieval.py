@@ -50,7 +50,7 @@ def retrieval_metrics(
     exclude_self: bool = False,
     full_map: bool = True,
     normalize: bool = True,
-    backend: Backend = "faiss",
+    backend: Backend = "auto",
     batch_size: int = 1024,
 ) -> dict[str, float]:
     """Retrieval quality of ``query`` against ``gallery`` by cosine similarity.
@@ -64,7 +64,7 @@ def retrieval_metrics(
     - ``mAP`` (when ``full_map``): mean average precision over the whole ranking, normalised by all
       the query's positives in the gallery (0 for a query whose class is absent from the gallery).
 
-    Rank-r and mAP@k come from an exact top-k search (faiss ``IndexFlatIP`` or chunked torch) in
+    Rank-r and mAP@k come from a top-k search (exact unless ``backend="faiss_ivf"``) in
     batches of ``batch_size`` queries; the full mAP ranks the whole gallery for blocks of queries
     (torch, about 64 MiB per block). Cut-offs above the gallery size cover the whole gallery.
 
@@ -79,7 +79,10 @@ def retrieval_metrics(
             its own ranking.
         full_map: also compute the full mAP.
         normalize: L2-normalise both sides (cosine similarity).
-        backend: search backend of the top-k pass, ``"faiss"`` or ``"torch"``.
+        backend: search backend of the top-k pass: ``"auto"`` (the faster exact search, see
+            [`choose_backend`][cmd.eval.choose_backend]), ``"torch"``, ``"faiss"`` or the
+            approximate ``"faiss_ivf"`` (Rank-r and mAP@k then count only the neighbours it finds;
+            the full mAP stays exact).
         batch_size: queries per search step.
 
     Returns:
@@ -124,7 +127,7 @@ def retrieval_metrics(
         sims = sims.masked_fill(is_self, float("-inf"))  # to the end of the row, then cut
         sims, ids = sort_by_similarity_then_index(sims, ids)
         ids = ids[:, :depth]
-    relevant = g_labels[ids] == q_labels[:, None]  # [Q, depth]
+    relevant = (g_labels[ids.clamp_min(0)] == q_labels[:, None]) & (ids >= 0)  # [Q, depth]
 
     out = {f"rank{r}": 100.0 * float(relevant[:, :r].any(dim=1).double().mean()) for r in ranks}
     out[f"mAP@{map_at}"] = 100.0 * float(average_precision(relevant[:, :map_at]).double().mean())

@@ -2,12 +2,12 @@
 
 For a batch of crops with region tokens ``F [B, N, D]`` and image vectors ``pooled [B, D]``:
 
-- ``pooling`` weighs the N regions of each crop: ``weights [B, N]`` (and a bag vector ``[B, D]``);
+- ``pooling`` weighs the N regions of each crop: ``mil_weights [B, N]`` (and a bag vector ``[B, D]``);
 - ``image_head`` maps the image vector (``image_input="pooled"``: the backbone's pooled vector, as in
   EsViT; ``"mil"``: the multi-instance bag vector) to image logits ``[B, K]``;
 - ``region_head`` maps every region token (all ``B * N`` in one batched call) to region logits
   ``[B, N, K]``;
-- ``features`` are the backbone tokens themselves (used by the loss to match student and teacher
+- ``tokens`` are the backbone tokens themselves (used by the loss to match student and teacher
   regions), not a head output.
 
 Memory of the outputs for the default recipe (Swin-T, D = 768, per-process batch B = 64, K = 65536;
@@ -21,8 +21,8 @@ student ``region``          64 * 170 * 65536       2.85 GB       1.43 GB
 teacher ``region``          64 * 98 * 65536        1.64 GB       0.82 GB
 student ``image``           64 * 10 * 65536        0.17 GB       0.08 GB
 teacher ``image``           64 * 2 * 65536         0.03 GB       0.02 GB
-student ``features``        64 * 170 * 768         0.03 GB       0.02 GB
-``weights``                 64 * 170               44 KB (always float32)
+student ``tokens``          64 * 170 * 768         0.03 GB       0.02 GB
+``mil_weights``             64 * 170               44 KB (always float32)
 ==========================  =====================  ============  =================
 
 The region logits dominate. Under ``torch.autocast`` (bf16 / fp16) the region head's last layer
@@ -35,19 +35,20 @@ Example:
     >>> import torch
     >>> head = CrossLevelHead(16, out_dim=32, hidden_dim=8, bottleneck_dim=4)
     >>> out = head(torch.randn(2, 9, 16), pooled=torch.randn(2, 16))
-    >>> out.image.shape, out.region.shape, out.features.shape, out.weights.shape
+    >>> out.image.shape, out.region.shape, out.tokens.shape, out.mil_weights.shape
     (torch.Size([2, 32]), torch.Size([2, 9, 32]), torch.Size([2, 9, 16]), torch.Size([2, 9]))
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Literal
 
 import torch
 from torch import nn
 
 from cmd.heads.dino_head import DINOHead
-from cmd.heads.output import CrossLevelOutput
+from cmd.heads.output import OUTPUT_FIELDS, CrossLevelOutput
 from cmd.pooling import POOLING_MODES, MultiInstancePooling
 
 __all__ = ["CrossLevelHead"]
@@ -65,7 +66,7 @@ class CrossLevelHead(nn.Module):
         out_dim: K, the number of prototypes (65536).
         pooling: a `MultiInstancePooling` mode name (``"mean"``, ``"sum"``, ``"max"``,
             ``"attention"``, ``"gated_attention"``), a `MultiInstancePooling` instance, or None
-            (no pooling: ``weights`` is None; only with ``image_input="pooled"``).
+            (no pooling: ``mil_weights`` is None; only with ``image_input="pooled"``).
         image_input: what the image head sees: ``"pooled"`` the backbone's image vector (EsViT;
             ``forward`` then needs ``pooled``) or ``"mil"`` the pooling's bag vector.
         hidden_dim, bottleneck_dim, n_layers, use_bn, norm_last_layer: as in `DINOHead`, for both heads.
@@ -81,20 +82,20 @@ class CrossLevelHead(nn.Module):
         region_output: ``"logits"`` (default): ``region`` holds the region logits [B, N, K].
             ``"embedding"``: the prototype layer is left to the loss: ``region`` is None and
             ``region_embedding`` holds the region head's L2-normalised bottleneck [B, N, bottleneck];
-            give ``CMDLoss(fused_chunk_size=...)`` the prototypes (``head.region_head.prototypes``),
-            and it computes logits, log-softmax, cross-entropy and bags chunk by chunk without ever
-            holding the [B * N, K] logits. An attribute: an EMA teacher copied from such a student can
-            be switched back (``teacher.head.region_output = "logits"``).
+            with ``prototypes`` [K, bottleneck]; ``CMDLoss(fused_chunk_size=...)`` then computes logits,
+            log-softmax, cross-entropy and bags chunk by chunk without ever holding the [B * N, K]
+            logits. Only the default of ``forward(outputs=None)``: pass ``outputs=`` (e.g. a loss's
+            ``student_outputs`` / ``teacher_outputs``) to choose per call.
 
-    ``forward(tokens [B, N, D], pooled [B, D] | None = None, mask [B, N] bool | None = None)``
-    returns ``CrossLevelOutput(image [B, K], region [B, N, K] | None, features = tokens [B, N, D],
-    weights [B, N] float32 | None)``. ``mask`` (True = kept region) goes to the pooling only; the
-    region logits of masked tokens are still computed.
+    ``forward(tokens [B, N, D], pooled [B, D] | None = None, mask [B, N] bool | None = None, *,
+    outputs=None)`` returns ``CrossLevelOutput(image [B, K], region [B, N, K] | None, tokens [B, N, D],
+    mil_weights [B, N] float32 | None, ...)``. ``mask`` (True = kept region) goes to the pooling only;
+    the region logits of masked tokens are still computed.
 
-    Under DDP, parameters that do not reach the loss make DDP fail unless
-    ``find_unused_parameters=True``: the attention-pooling parameters reach the loss only through
-    a term using ``weights`` (CMD's inter-level term) or ``image_input="mil"``; for the "dino" /
-    "esvit" presets use ``pooling="mean"`` (no parameters) or ``pooling=None``.
+    Under DDP (without ``find_unused_parameters``) every parameter must reach the loss: call the
+    student with ``outputs=loss.student_outputs`` and build the head only with the parts the loss
+    consumes (a pooling only when ``"mil_weights" in loss.student_outputs`` or ``image_input="mil"``;
+    a region head only when the loss uses region outputs).
 
     See the module docstring for the memory of each output in the default recipe.
 
@@ -181,12 +182,30 @@ class CrossLevelHead(nn.Module):
         tokens: torch.Tensor,
         pooled: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        *,
+        outputs: Collection[str] | None = None,
     ) -> CrossLevelOutput:
-        """Image logits [B, K], region logits [B, N, K], features [B, N, D], weights [B, N]."""
+        """Image logits [B, K] and whichever of the region-level outputs are asked for.
+
+        ``outputs``: the `CrossLevelOutput` fields to compute (e.g. a loss's ``student_outputs``); the
+        others are None and nothing that only they need is run, so every parameter that runs reaches
+        the loss (DDP without ``find_unused_parameters``). None (default): ``image``, ``tokens``,
+        ``mil_weights`` (with a pooling) and ``region`` or ``region_embedding`` + ``prototypes``
+        (per ``region_output``). ``image`` and ``tokens`` are always given.
+        """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[-1] != self.in_dim:
             shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must have shape [B, N, D = {self.in_dim}], got {shape}")
         b = tokens.shape[0]
+        if b == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens is empty (shape {list(tokens.shape)}): the head needs B >= 1 crops of N >= 1 tokens")
+        weight_dtype = next(self.image_head.parameters()).dtype
+        for name, t in (("tokens", tokens), ("pooled", pooled)):
+            if t is not None and t.dtype != weight_dtype and not torch.is_autocast_enabled(t.device.type):
+                raise TypeError(
+                    f"{name} are {t.dtype} but the head's weights are {weight_dtype}: run the head under "
+                    f"torch.autocast (as the backbone ran) or cast with {name}.to({weight_dtype})"
+                )
         if pooled is not None and tuple(pooled.shape) != (b, self.in_dim):
             raise ValueError(f"pooled must have shape [B, D] = {[b, self.in_dim]}, got {list(pooled.shape)}")
         if self.image_input == "pooled" and pooled is None:
@@ -196,20 +215,40 @@ class CrossLevelHead(nn.Module):
             )
         if mask is not None and self.pooling is None:
             raise ValueError("a mask was given but this head has no pooling to apply it to")
+        if outputs is None:
+            region_field = "region_embedding" if self.region_output == "embedding" else "region"
+            want = {"image", "tokens"} | ({region_field} if self.region_head is not None else set())
+            want |= {"mil_weights"} if self.pooling is not None else set()
+        else:
+            want = set(outputs)
+            unknown = want - set(OUTPUT_FIELDS)
+            if unknown:
+                raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUT_FIELDS}")
+        if "mil_weights" in want and self.pooling is None:
+            raise ValueError("mil_weights were asked for, but this head has no pooling (pooling=None)")
+        if want & {"region", "region_embedding", "prototypes"} and self.region_head is None:
+            raise ValueError(f"{sorted(want & {'region', 'region_embedding', 'prototypes'})} were asked for, "
+                             "but this head has no region head (region_head=False)")
 
-        weights = None
-        bag = None
-        if self.pooling is not None:
+        weights = bag = None
+        if self.pooling is not None and ("mil_weights" in want or self.image_input == "mil"):
             bag, weights = self.pooling(tokens, mask)
-        image = self.image_head(pooled if self.image_input == "pooled" else bag)
-        region = embedding = None
-        if self.region_head is not None:
-            if self.region_output == "embedding":
-                embedding = self._region_logits(tokens, self.region_head.bottleneck)
-            else:
-                region = self._region_logits(tokens, self.region_head)
+        image_in = pooled if self.image_input == "pooled" else bag
+        image = self.image_head(image_in)
+        region = embedding = prototypes = None
+        if "region" in want:
+            region = self._region_logits(tokens, self.region_head)
+        if "region_embedding" in want or "prototypes" in want:
+            embedding = self._region_logits(tokens, self.region_head.bottleneck)
+            prototypes = self.region_head.prototypes  # inside forward: DDP sees the parametrisation
         return CrossLevelOutput(
-            image=image, region=region, features=tokens, weights=weights, region_embedding=embedding
+            image=image,
+            region=region,
+            tokens=tokens,
+            mil_weights=weights if "mil_weights" in want else None,
+            region_embedding=embedding,
+            pooled=image_in if "pooled" in want else None,
+            prototypes=prototypes,
         )
 
     def _region_logits(self, tokens: torch.Tensor, fn) -> torch.Tensor:

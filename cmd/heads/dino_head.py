@@ -9,7 +9,9 @@ The weight normalisation uses ``torch.nn.utils.parametrizations.weight_norm`` (s
 which, unlike the deprecated ``torch.nn.utils.weight_norm``, survives ``copy.deepcopy`` (the EMA
 teacher is a deep copy of the student). State dicts in the layout of DINO / EsViT checkpoints
 (``mlp.0.weight``, ..., ``last_layer.weight_g``, ``last_layer.weight_v``) load directly through a
-load pre-hook; `DINOHead.legacy_state_dict` exports that layout.
+load pre-hook; `DINOHead.legacy_state_dict` exports that layout. A one-layer MLP (``n_layers=1``) is
+``mlp.0.*`` here and a bare ``nn.Linear`` ``mlp.*`` in DINO: both load, and the legacy export uses
+DINO's ``mlp.*``.
 
 Example:
     >>> import torch
@@ -175,8 +177,12 @@ class DINOHead(nn.Module):
         return self.last_layer.weight
 
     def legacy_state_dict(self) -> dict[str, torch.Tensor]:
-        """This head's state dict in DINO / EsViT's key layout (``last_layer.weight_g`` / ``weight_v``)."""
-        return parametrized_to_legacy_keys(self.state_dict())
+        """This head's state dict in DINO / EsViT's key layout (``last_layer.weight_g`` / ``weight_v``;
+        ``mlp.weight`` / ``mlp.bias`` for a one-layer MLP)."""
+        sd = parametrized_to_legacy_keys(self.state_dict())
+        if len(self.mlp) == 1:
+            sd = {("mlp." + k[len("mlp.0."):] if k.startswith("mlp.0.") else k): v for k, v in sd.items()}
+        return sd
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}, norm_last_layer={self.norm_last_layer}"
@@ -228,8 +234,14 @@ def _load_legacy_last_layer(module, state_dict, prefix, local_metadata, strict, 
     """Rename ``{prefix}last_layer.weight_g|weight_v`` in ``state_dict`` (in place) before loading.
 
     A plain ``{prefix}last_layer.weight`` (a head exported without weight normalisation) loads too:
-    ``v = weight`` and ``g = ||weight||`` row-wise, so the effective weight is unchanged.
+    ``v = weight`` and ``g = ||weight||`` row-wise, so the effective weight is unchanged. For a
+    one-layer MLP, DINO's ``{prefix}mlp.weight`` / ``mlp.bias`` become ``mlp.0.*``.
     """
+    if len(module.mlp) == 1:
+        for name in ("weight", "bias"):
+            key = f"{prefix}mlp.{name}"
+            if key in state_dict:
+                state_dict[f"{prefix}mlp.0.{name}"] = state_dict.pop(key)
     for legacy, new in _LEGACY_SUFFIX.items():
         key = f"{prefix}last_layer.{legacy}"
         if key in state_dict:

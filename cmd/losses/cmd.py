@@ -1,9 +1,8 @@
 """The Cross-level Multi-instance Distillation (CMD) loss and its presets ("dino", "esvit", "cmd").
 
-Each crop is a *bag* whose *instances* are its region tokens. With multi-instance weights
-``w_v,j >= 0`` (``sum_j w_v,j = 1``) the bags are mixtures of the region distributions:
+Each crop is a *bag* of its region tokens; with MIL weights ``w`` (rows sum to 1) the bags are mixtures:
 student ``log b_v = logsumexp_j(log w_v,j + log q_v,j)``, teacher ``beta_g = sum_i w_g,i Q_g,i``.
-For teacher crop g and student crop v != g (``2 (V - 1)`` pairs for G = 2):
+For teacher crop g and student crop v != g (``G (V - 1)`` pairs):
 
 - ``I(g, v) = H(P_g, p_v)``                               intra-level, image (DINO)
 - ``R(g, v) = 1/N_v sum_j H(Q_g,m(j), q_v,j)``              intra-level, region (EsViT)
@@ -11,21 +10,10 @@ For teacher crop g and student crop v != g (``2 (V - 1)`` pairs for G = 2):
 - ``T(g) = KL(beta_g || P_g)``                             inter-level inside the teacher: a diagnostic
 - ``X(g, v) = 1/2 [H(P_g, b_v) + H(beta_g, p_v)]``         cross-level teacher -> student (off by default)
 
-``L = mean_pairs[lambda_I I + lambda_R R + lambda_X X] + lambda_S mean_v S``, every H and KL averaged
-over the batch. Presets: "dino" (lambda_I = 1), "esvit" (0.5 / 0.5), "cmd" (0.5 / 0.5, lambda_S = 0.1).
-See `DINOLoss` and `RegionDistillationLoss` for the aggregated targets that make I and R cheap.
-
-Example:
-    >>> import torch
-    >>> from cmd.heads.output import CrossLevelOutput
-    >>> B, K, D = 2, 16, 8
-    >>> def out(crops, n):
-    ...     return CrossLevelOutput(torch.randn(crops * B, K), torch.randn(crops * B, n, K),
-    ...                             torch.randn(crops * B, n, D), torch.full((crops * B, n), 1 / n))
-    >>> loss_fn = CMDLoss.from_preset("cmd", out_dim=K, n_local_crops=3)
-    >>> result = loss_fn([out(2, 4), out(3, 1)], [out(2, 4)], epoch=0)
-    >>> sorted(result.terms)[:3], result.loss.dim()
-    (['cross', 'image', 'inter_student'], 0)
+``L = mean_pairs[lambda_I I + lambda_R R + lambda_X X] + lambda_S mean_v S (+ lambda_K KoLeo)``, every H
+and KL averaged over the batch. The cross-entropy is linear in its target, so the targets of the
+teacher crops ``g != v`` are summed first (`target_index`): one log-softmax and one cross-entropy
+per student crop or region, the teacher's softmax once. Examples: `CMDLoss`, ``docs/blocks/losses.md``.
 """
 
 from __future__ import annotations
@@ -33,97 +21,119 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from operator import attrgetter
+from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 
+from cmd import distributed as dist
 from cmd.heads.output import CrossLevelOutput
-from cmd.losses.dino import image_distillation
-from cmd.losses.functional import (
-    kl_divergence_rows,
-    mixture_log_prob,
-    no_autocast,
-    scaled_float32,
+from cmd.losses.center import Center, sinkhorn_knopp
+from cmd.losses.functional import (  # fmt: skip
+    aggregate_targets,
+    bag_log_prob,
+    kl_rows,
+    koleo,
+    match_regions,
+    normalise_weights,
+    target_index,
 )
-from cmd.losses.fused import fused_region_distillation
-from cmd.losses.inputs import as_output_list, check_outputs, layout_of
-from cmd.losses.region import (
-    check_crop_counts,
-    normalised_weights,
-    region_distillation,
-    teacher_region_bags,
-    teacher_region_probs,
-)
-from cmd.losses.targets import CenteredTeacherLoss, aggregate_targets
+from cmd.losses.fused import fused_prototype_cross_entropy
+from cmd.schedules import teacher_temperature_schedule
 
-__all__ = ["CMDLoss", "CMDLossOutput", "TERM_NAMES"]
+__all__ = ["CMDLoss", "CMDLossOutput", "TERM_NAMES", "diagnose_collapse"]
 
-#: The keys of `CMDLossOutput.terms`, always all present.
+#: The keys of `CMDLossOutput.terms`, always all present (NaN where not computed).
 TERM_NAMES = (
-    "image",
-    "region",
-    "inter_student",
-    "inter_teacher",
-    "cross",
-    "teacher_entropy",
-    "teacher_student_kl",
-)
+    "image", "region", "inter_student", "inter_teacher", "cross", "koleo",
+    "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy", "teacher_student_kl",
+)  # fmt: skip
+_TINY = torch.finfo(torch.float32).tiny
+Teacher = CrossLevelOutput | torch.Tensor | Sequence[CrossLevelOutput | torch.Tensor]
+_WHY = {"tokens": "region_weight > 0 (matching)", "region": "region_weight > 0 or inter/cross_weight > 0",
+        "mil_weights": "inter_weight > 0 or cross_weight > 0 (the bags)", "pooled": "koleo_weight > 0",
+        "region_embedding": "the fused region path (fused_chunk_size)", "image": "every preset",
+        "prototypes": "the fused region path (fused_chunk_size)"}  # fmt: skip
 
 
 @dataclass
 class CMDLossOutput:
-    """The CMD loss and its components.
+    """``loss``: 0-dim float32, the weighted total. ``terms``: detached 0-dim tensors, made without a host sync.
 
-    Attributes:
-        loss: 0-dim float32, the weighted total to back-propagate.
-        terms: detached 0-dim tensors for logging (no host synchronisation was needed to make them):
-            ``image`` mean over pairs of I; ``region`` of R; ``inter_student`` mean over crops of S;
-            ``inter_teacher`` mean over teacher crops of T (a diagnostic, never in the loss);
-            ``cross`` mean over pairs of X; ``teacher_entropy`` mean entropy of the teacher's image
-            distributions (near log K: uniform collapse, near 0: one-prototype collapse);
-            ``teacher_student_kl`` mean over pairs of ``KL(P_g || p_v)``. A term that was not
-            computed (its weight is 0, or the outputs it needs are None) is NaN.
+    NaN where not computed (weight 0, or outputs absent): ``image``, ``region``, ``cross`` (means over
+    pairs of I, R, X), ``inter_student`` (mean of S), ``koleo``, ``inter_teacher`` (mean of T, a
+    diagnostic). Collapse signals (`diagnose_collapse`): ``teacher_entropy`` = mean ``H(P_t)``;
+    ``teacher_batch_entropy`` = ``H(mean_b P_t)`` over the global batch (all-reduced);
+    ``teacher_region_entropy`` = mean ``H(Q)`` over teacher regions; ``teacher_student_kl`` = mean
+    over pairs of ``KL(P_g || p_v)``.
     """
 
     loss: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class CMDLoss(CenteredTeacherLoss):
+def diagnose_collapse(
+    teacher_entropy: float, teacher_batch_entropy: float, out_dim: int, *, tolerance: float = 0.1
+) -> Literal["uniform", "one_hot"] | None:
+    """The teacher's collapse from its entropies (nats, ``CMDLossOutput.terms``), or None when healthy.
+
+    ``"uniform"``: per-sample entropy ``H(P_t) >= (1 - tolerance) log K`` (then the batch-mean one is
+    too); ``"one_hot"``: batch-mean entropy ``H(mean_b P_t) <= tolerance log K`` (every sample on the
+    same few prototypes); healthy training has a low per-sample and a high batch-mean entropy.
+
+    Example:
+        >>> import math
+        >>> diagnose_collapse(0.99 * math.log(1024), math.log(1024), 1024), diagnose_collapse(0.0, 0.01, 1024)
+        ('uniform', 'one_hot')
+        >>> diagnose_collapse(1.5, 6.5, 1024) is None
+        True
+    """
+    if out_dim < 2 or not 0 < tolerance < 0.5:
+        raise ValueError(f"need out_dim >= 2 and 0 < tolerance < 0.5; got {out_dim}, {tolerance}")
+    if teacher_entropy >= (1 - tolerance) * math.log(out_dim):
+        return "uniform"
+    return "one_hot" if teacher_batch_entropy <= tolerance * math.log(out_dim) else None
+
+
+class CMDLoss(nn.Module):
     """Cross-level multi-instance distillation loss over multi-crop student and teacher outputs.
 
     Args:
-        out_dim: K.
-        n_global_crops: G, the teacher's crops (the first G student crops, in the same order).
-        n_local_crops: L, the student's further crops (V = G + L).
-        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs: teacher temperature
-            schedule (constant after the warm-up, also past ``n_epochs``).
-        student_temp: tau_s.
-        center_momentum: m for both centers (buffers ``center`` and ``region_center`` [1, K]).
+        out_dim: K. n_global_crops: G (the first G student crops, in order). n_local_crops: L (V = G + L).
+        warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the teacher temperature
+            (`cmd.schedules.teacher_temperature_schedule`, DINO's). student_temp: tau_s.
+        center_momentum: m of both `Center` modules (``center`` image, ``region_center`` region).
         image_weight, region_weight, inter_weight, cross_weight: lambda_I, lambda_R, lambda_S, lambda_X.
-            A term whose weight is 0 is not computed (reported as NaN), except I.
-        validate: check every input for NaN/inf and the weights for validity (synchronises).
-        fused_chunk_size: None (default): the student's ``region`` logits are used as given. An int:
-            the fused region path (`cmd.losses.fused`): the student groups carry ``region_embedding``
-            [C_s * B, N_s, d] instead of ``region`` (``CrossLevelHead(region_output="embedding")``),
-            ``forward`` gets ``prototypes=head.region_head.prototypes`` [K, d], and the prototype
-            layer, log-softmax, cross-entropy and bags run over chunks of this many crop-images,
-            never holding the student's [tokens, K] logits. Needs lambda_R > 0 and lambda_X = 0.
+        koleo_weight: DINOv2's KoLeo term on the student's ``pooled`` image vectors of each global crop
+            (the nearest neighbour within this process's batch, as DINOv2 does); 0 = off.
+        centering, sinkhorn_iterations: ``"center"`` (DINO) or ``"sinkhorn"`` (DINOv2 / SwAV: `sinkhorn_knopp`
+            over the global batch at both levels; the centers are then neither used nor updated).
+        validate: check every input for NaN / inf (the fused path's prototypes included) and the MIL
+            weights for validity (synchronises with the device).
+        fused_chunk_size: None, or the fused region path (`cmd.losses.fused`, lambda_R > 0, lambda_X = 0):
+            students give ``region_embedding`` + ``prototypes`` and the prototype layer, log-softmax,
+            cross-entropy and bags run over chunks of this many crop-images.
 
-    Shapes (``forward``):
-        student: a sequence of `CrossLevelOutput` groups, crop-major, the first group starting with
-            the G global crops: ``image`` [C_s * B, K]; ``region`` [C_s * B, N_s, K] (lambda_R, lambda_S,
-            lambda_X); ``features`` [C_s * B, N_s, D] (lambda_R); ``weights`` [C_s * B, N_s] (lambda_S,
-            lambda_X).
-        teacher: the G global crops likewise (``features`` for lambda_R, ``weights`` for T and X).
-        output: `CMDLossOutput`.
+    Attributes ``student_outputs`` / ``teacher_outputs``: the `CrossLevelOutput` fields the loss reads
+    (pass them as ``network(crops, outputs=...)``); ``active_terms``: the terms with weight > 0.
+
+    ``forward(student, teacher, epoch=None, *, teacher_temp=None, update_centers=True)``: ``student``
+    `CrossLevelOutput` groups (crop-major, the first starting with the G global crops: ``image``
+    [C_s * B, K], ``region`` [C_s * B, N_s, K], ``tokens`` [C_s * B, N_s, D], ``mil_weights``
+    [C_s * B, N_s], ...); ``teacher`` one output of the G global crops [G * B, ...]; the schedule's
+    ``epoch`` or an explicit ``teacher_temp``. Returns `CMDLossOutput`, then updates the centers.
+    Under torch.distributed forward is a collective (batch entropy, Sinkhorn-Knopp, centers).
 
     Example:
-        >>> loss_fn = CMDLoss.from_preset("dino", out_dim=8, n_local_crops=1)
-        >>> s, t = CrossLevelOutput(torch.randn(3 * 2, 8)), CrossLevelOutput(torch.randn(2 * 2, 8))
-        >>> out = loss_fn([s], [t], epoch=0)
-        >>> bool(torch.isnan(out.terms["region"]))  # not computed with the "dino" preset
-        True
+        >>> B, K, D = 2, 16, 8
+        >>> def out(crops, n):
+        ...     return CrossLevelOutput(torch.randn(crops * B, K), torch.randn(crops * B, n, K),
+        ...                             torch.randn(crops * B, n, D), torch.full((crops * B, n), 1 / n))
+        >>> loss_fn = CMDLoss.from_preset("cmd", out_dim=K, n_local_crops=3)
+        >>> result = loss_fn([out(2, 4), out(3, 1)], out(2, 4), epoch=0)
+        >>> sorted(loss_fn.student_outputs), result.loss.dim(), bool(torch.isnan(result.terms["cross"]))
+        (['image', 'mil_weights', 'region', 'tokens'], 0, True)
     """
 
     PRESETS: ClassVar[dict[str, dict[str, float]]] = {
@@ -132,64 +142,62 @@ class CMDLoss(CenteredTeacherLoss):
         "cmd": {"image_weight": 0.5, "region_weight": 0.5, "inter_weight": 0.1, "cross_weight": 0.0},
     }
 
-    def __init__(
-        self,
-        out_dim: int,
-        n_global_crops: int = 2,
-        n_local_crops: int = 8,
-        *,
-        warmup_teacher_temp: float = 0.04,
-        teacher_temp: float = 0.07,
-        warmup_teacher_temp_epochs: int = 30,
-        n_epochs: int = 100,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        image_weight: float = 0.5,
-        region_weight: float = 0.5,
-        inter_weight: float = 0.1,
-        cross_weight: float = 0.0,
-        validate: bool = False,
-        fused_chunk_size: int | None = None,
+    def __init__(  # fmt: skip
+        self, out_dim: int, *, n_global_crops: int = 2, n_local_crops: int = 8,
+        warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07, warmup_teacher_temp_epochs: int = 30,
+        student_temp: float = 0.1, center_momentum: float = 0.9, image_weight: float = 0.5,
+        region_weight: float = 0.5, inter_weight: float = 0.1, cross_weight: float = 0.0, koleo_weight: float = 0.0,
+        centering: Literal["center", "sinkhorn"] = "center", sinkhorn_iterations: int = 3,
+        validate: bool = False, fused_chunk_size: int | None = None,
     ) -> None:
-        super().__init__(
-            out_dim,
-            ("center", "region_center"),
-            warmup_teacher_temp=warmup_teacher_temp,
-            teacher_temp=teacher_temp,
-            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-            n_epochs=n_epochs,
-            student_temp=student_temp,
-            center_momentum=center_momentum,
-            validate=validate,
-        )
-        self.n_global_crops, self.n_local_crops = check_crop_counts(n_global_crops, n_local_crops)
-        for name, value in (
-            ("image_weight", image_weight),
-            ("region_weight", region_weight),
-            ("inter_weight", inter_weight),
-            ("cross_weight", cross_weight),
-        ):
+        super().__init__()
+        for name, value, low in (("n_global_crops", n_global_crops, 1), ("n_local_crops", n_local_crops, 0),
+                                 ("out_dim", out_dim, 2), ("sinkhorn_iterations", sinkhorn_iterations, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        if n_global_crops + n_local_crops < 2:
+            raise ValueError(f"need at least 2 crops for a teacher/student pair; got {n_global_crops} + {n_local_crops}")
+        weights = dict(image_weight=image_weight, region_weight=region_weight, inter_weight=inter_weight,
+                       cross_weight=cross_weight, koleo_weight=koleo_weight)
+        for name, value in (*weights.items(), ("student_temp", student_temp)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-        self.image_weight = float(image_weight)
-        self.region_weight = float(region_weight)
-        self.inter_weight = float(inter_weight)
-        self.cross_weight = float(cross_weight)
-        if fused_chunk_size is not None:
-            if isinstance(fused_chunk_size, bool) or not isinstance(fused_chunk_size, int) or fused_chunk_size < 1:
-                raise ValueError(f"fused_chunk_size must be None or a positive int; got {fused_chunk_size!r}")
-            if self.region_weight == 0 or self.cross_weight > 0:
-                raise ValueError(
-                    "fused_chunk_size needs region_weight > 0 and cross_weight == 0; got "
-                    f"region_weight={self.region_weight}, cross_weight={self.cross_weight}"
-                )
-        self.fused_chunk_size = fused_chunk_size
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be a positive number; got {student_temp!r}")
+        if not any(weights.values()):
+            raise ValueError(f"no active term: at least one of {sorted(weights)} must be > 0")
+        if centering not in ("center", "sinkhorn"):
+            raise ValueError(f"centering must be 'center' or 'sinkhorn'; got {centering!r}")
+        if fused_chunk_size is not None and (isinstance(fused_chunk_size, bool) or not isinstance(fused_chunk_size, int)
+                                             or fused_chunk_size < 1 or region_weight == 0 or cross_weight > 0):
+            raise ValueError(f"fused_chunk_size must be None or a positive int, with region_weight > 0 and cross_weight "
+                             f"== 0; got {fused_chunk_size!r}, region_weight={region_weight}, cross_weight={cross_weight}")
+        self.out_dim, self.n_global_crops, self.n_local_crops = out_dim, n_global_crops, n_local_crops
+        self.temperature_schedule = teacher_temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+        self.student_temp = float(student_temp)
+        self.image_weight, self.region_weight = float(image_weight), float(region_weight)
+        self.inter_weight, self.cross_weight, self.koleo_weight = float(inter_weight), float(cross_weight), float(koleo_weight)
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
+        self.validate, self.fused_chunk_size = bool(validate), fused_chunk_size
+        self.center = Center(out_dim, center_momentum)
+        self.region_center = Center(out_dim, center_momentum)
+        self.register_load_state_dict_pre_hook(_load_legacy_centers)
+        self.n_crops = n_global_crops + n_local_crops  # V
+        terms = {"image": image_weight, "region": region_weight, "inter_student": inter_weight,
+                 "cross": cross_weight, "koleo": koleo_weight}
+        self.active_terms = tuple(name for name, w in terms.items() if w > 0)
+        bags = inter_weight > 0 or cross_weight > 0
+        fields = {"image"} | ({"tokens"} if region_weight > 0 else set()) | ({"mil_weights"} if bags else set())
+        fields |= {"pooled"} if koleo_weight > 0 else set()
+        fields |= {"region_embedding", "prototypes"} if fused_chunk_size else {"region"} if region_weight > 0 or bags else set()
+        self.student_outputs = frozenset(fields)
+        fields = {"image"} | ({"region", "tokens"} if region_weight > 0 else set())
+        fields |= {"region", "mil_weights"} if cross_weight > 0 else {"mil_weights"} if inter_weight > 0 else set()
+        self.teacher_outputs = frozenset(fields)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> CMDLoss:
         """A loss with the weights of preset ``name`` ("dino", "esvit" or "cmd"); ``overrides`` win.
-
-        ``out_dim`` must be given among the overrides.
 
         Example:
             >>> CMDLoss.from_preset("esvit", out_dim=64).inter_weight
@@ -201,189 +209,206 @@ class CMDLoss(CenteredTeacherLoss):
             raise TypeError("CMDLoss.from_preset() needs out_dim=..., e.g. from_preset('cmd', out_dim=65536)")
         return cls(**{**cls.PRESETS[name], **overrides})
 
-    @property
-    def n_crops(self) -> int:
-        """V = G + L."""
-        return self.n_global_crops + self.n_local_crops
+    def teacher_temperature(self, epoch: int) -> float:
+        """tau_t at ``epoch`` (`cmd.schedules.teacher_temperature_schedule`)."""
+        return self.temperature_schedule[epoch]
 
-    def _needed_fields(self, teacher_has_weights: bool) -> tuple[dict[str, str], dict[str, str]]:
-        student: dict[str, str] = {}
-        teacher: dict[str, str] = {}
-        if self.region_weight > 0:
-            why = "region_weight > 0 (the region-level term)"
-            student.update(region=why, features=why)
-            teacher.update(region=why, features=why)
-        if self.inter_weight > 0:
-            why = "inter_weight > 0 (the student's bag of regions)"
-            student.setdefault("region", why)
-            student["weights"] = why
-        if self.cross_weight > 0:
-            why = "cross_weight > 0 (the cross-level term)"
-            student.setdefault("region", why)
-            student["weights"] = why
-            teacher.setdefault("region", why)
-            teacher["weights"] = why
-        elif teacher_has_weights and "region" in teacher:
-            teacher["weights"] = "the inter_teacher diagnostic"
-        return student, teacher
-
-    def forward(
-        self,
-        student: CrossLevelOutput | Sequence[CrossLevelOutput],
-        teacher: CrossLevelOutput | Sequence[CrossLevelOutput],
-        epoch: int,
-        *,
-        update_centers: bool = True,
-        prototypes: torch.Tensor | None = None,
+    def forward(  # fmt: skip
+        self, student: CrossLevelOutput | Sequence[CrossLevelOutput], teacher: CrossLevelOutput | Sequence[CrossLevelOutput],
+        epoch: int | None = None, *, teacher_temp: float | None = None, update_centers: bool = True,
     ) -> CMDLossOutput:
-        """The loss and its terms; then, by default, the update of both centers.
+        """The loss and its terms; then, by default, the update of both centers."""
+        student, teacher, b = self._check(student, teacher)
+        if (epoch is None) == (teacher_temp is None):
+            raise TypeError("give exactly one of epoch (the schedule's temperature) and teacher_temp")
+        tau_t = self.temperature_schedule[epoch] if teacher_temp is None else float(teacher_temp)
+        tau_s = self.student_temp
+        g, v, k = self.n_global_crops, self.n_crops, self.out_dim
+        n_pairs, dev = g * (v - 1), teacher.image.device
+        terms = dict.fromkeys(TERM_NAMES, torch.full((), float("nan"), device=dev))
+        bags, fused = self.inter_weight > 0 or self.cross_weight > 0, self.fused_chunk_size is not None
 
-        ``prototypes`` [K, d]: the student region head's prototypes, for the fused path only.
-        """
-        student = as_output_list("student", student)
-        teacher = as_output_list("teacher", teacher)
-        layout = layout_of(student, teacher, self.n_global_crops, self.n_crops)
-        teacher_has_weights = all(o.weights is not None for o in teacher)
-        student_fields, teacher_fields = self._needed_fields(teacher_has_weights)
-        fused = self.fused_chunk_size is not None
-        if fused:
-            if prototypes is None:
-                raise ValueError("CMDLoss(fused_chunk_size=...) needs prototypes=head.region_head.prototypes [K, d]")
-            if prototypes.dim() != 2 or prototypes.shape[0] != self.out_dim:
-                raise ValueError(f"prototypes must be [K={self.out_dim}, d]; got {list(prototypes.shape)}")
-            student_fields.pop("region", None)
-            student_fields["region_embedding"] = "the fused region path (fused_chunk_size)"
-        elif prototypes is not None:
-            raise ValueError("prototypes are used by the fused path only; build CMDLoss(fused_chunk_size=...)")
-        check_outputs(
-            student,
-            teacher,
-            layout,
-            self.out_dim,
-            student_fields=student_fields,
-            teacher_fields=teacher_fields,
-            validate=self.validate,
-        )
-        tau_t, tau_s = self.teacher_temperature(epoch), self.student_temp
-        device = student[0].image.device
-        need_bags = self.inter_weight > 0 or self.cross_weight > 0
-        b, n_pairs = layout.batch_size, layout.n_pairs
-        nan = torch.full((), float("nan"), device=device)
-        terms = dict.fromkeys(TERM_NAMES, nan)
-
-        with no_autocast(device):
-            img = image_distillation(
-                [o.image for o in student],
-                [o.image for o in teacher],
-                layout,
-                self.center,
-                tau_t,
-                tau_s,
-                return_log_probs=need_bags,
-                return_teacher_log_probs=True,
-            )
-            terms["image"] = img.cross_entropy / n_pairs
+        with torch.autocast(device_type=dev.type, enabled=False):  # float32 throughout
+            # image level: P_g [G * B, K]; log p_v [V * B, K]; aggregated targets T_v = sum_{g != v} P_g
+            log_p = torch.log_softmax(torch.cat(list(map(attrgetter("image"), student))).float() / tau_s, dim=-1)
+            probs, log_probs = self._teacher_probs(teacher.image, self.center, tau_t)
+            image_index = target_index(torch.zeros(v, b, 1, g, dtype=torch.long, device=dev), 0, b, 1)
+            image_target = aggregate_targets(probs, *image_index)
+            terms["image"] = -(image_target * log_p).sum() / (b * n_pairs)
             loss = self.image_weight * terms["image"]
             with torch.no_grad():
-                entropy = -(img.teacher_probs * img.teacher_log_probs).sum(dim=-1).mean()
-                terms["teacher_entropy"] = entropy
-                # mean over pairs of KL(P_g || p_v) = mean H(P_g, p_v) - mean H(P_g): every g has V - 1 pairs
-                terms["teacher_student_kl"] = (terms["image"].detach() - entropy).clamp_min(0.0)
+                terms["teacher_entropy"] = -(probs * log_probs).sum(-1).mean()
+                terms["teacher_student_kl"] = (terms["image"].detach() - terms["teacher_entropy"]).clamp_min(0.0)
+                total = dist.all_reduce_sum(torch.cat([probs.sum(0), probs.new_full((1,), probs.shape[0])]))
+                mean = total[:-1] / total[-1]
+                terms["teacher_batch_entropy"] = -torch.special.xlogy(mean, mean).sum()
 
-            region_log_probs: list[torch.Tensor] | None = None
-            beta: torch.Tensor | None = None  # the teacher's bags [G * B, K]
-            teacher_weights = [o.weights for o in teacher] if "weights" in teacher_fields else None
-            if fused:
-                ce, kl, beta = fused_region_distillation(
-                    [o.region_embedding for o in student],
-                    [o.features for o in student],
-                    [o.region for o in teacher],
-                    [o.features for o in teacher],
-                    layout,
-                    prototypes,
-                    self.region_center,
-                    tau_t,
-                    tau_s,
-                    chunk_rows=self.fused_chunk_size,
-                    student_weights=[normalised_weights(o.weights) for o in student] if need_bags else None,
-                    image_log_probs=img.log_probs if need_bags else None,
-                    teacher_weights=teacher_weights,
-                )
-                terms["region"] = ce / n_pairs
-                loss = loss + self.region_weight * terms["region"]
-                if self.inter_weight > 0:
-                    terms["inter_student"] = kl / (b * layout.n_crops)
-                    loss = loss + self.inter_weight * terms["inter_student"]
-                need_bags = False  # the bag term is done
-            elif self.region_weight > 0:
-                reg = region_distillation(
-                    [o.region for o in student],
-                    [o.features for o in student],
-                    [o.region for o in teacher],
-                    [o.features for o in teacher],
-                    layout,
-                    self.region_center,
-                    tau_t,
-                    tau_s,
-                    return_log_probs=need_bags,
-                    teacher_weights=teacher_weights,
-                )
-                terms["region"] = reg.cross_entropy / n_pairs
-                loss = loss + self.region_weight * terms["region"]
-                region_log_probs, beta = reg.log_probs, reg.teacher_bags
-            elif need_bags:
-                region_log_probs = [torch.log_softmax(scaled_float32(o.region, tau_s), dim=-1) for o in student]
-                if self.cross_weight > 0:
-                    _, q = teacher_region_probs([o.region for o in teacher], self.region_center, tau_t)
-                    beta = teacher_region_bags(q, teacher_weights)
-                    del q
-            if beta is not None:
+            # teacher regions: Q [G * B * N_t, K] and bags beta_g [G * B, K]
+            region_probs = beta = None
+            if teacher.region is not None and (self.region_weight > 0 or self.cross_weight > 0):
+                n_t = teacher.region.shape[1]
+                region_probs, region_log_probs = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t)
                 with torch.no_grad():
-                    terms["inter_teacher"] = _kl_from_probs(beta, img.teacher_log_probs).mean()
+                    terms["teacher_region_entropy"] = -(region_probs * region_log_probs).sum(-1).mean()
+                    del region_log_probs
+                    if teacher.mil_weights is not None:
+                        w_t = normalise_weights(teacher.mil_weights).unsqueeze(1)
+                        beta = torch.bmm(w_t, region_probs.view(g * b, n_t, k)).squeeze(1)
+                        kl_t = (torch.special.xlogy(beta, beta) - beta * log_probs).sum(-1)
+                        terms["inter_teacher"] = kl_t.mean()
 
-            if need_bags:
-                log_b = torch.cat(
-                    [mixture_log_prob(lq, normalised_weights(o.weights)) for lq, o in zip(region_log_probs, student)]
-                )  # [V * B, K]
-                if self.inter_weight > 0:
-                    terms["inter_student"] = kl_divergence_rows(log_b, img.log_probs).mean()
-                    loss = loss + self.inter_weight * terms["inter_student"]
-                if self.cross_weight > 0:
-                    indices, offsets, _ = img.bags
-                    image_target = aggregate_targets(img.teacher_probs, indices, offsets)  # sum_{g != v} P_g
-                    bag_target = aggregate_targets(beta, indices, offsets)  # sum_{g != v} beta_g
-                    h_bag = -(image_target * log_b).sum()
-                    h_image = -(bag_target * img.log_probs).sum()
-                    terms["cross"] = 0.5 * (h_bag + h_image) / (b * n_pairs)
-                    loss = loss + self.cross_weight * terms["cross"]
+            # region level and student bags, one student group at a time
+            region_sum, kl_sum, log_bags, first = 0.0, 0.0, [], 0
+            for o in student:
+                rows, n_s = o.image.shape[0], o.num_tokens
+                w = normalise_weights(o.mil_weights) if bags else None
+                if self.region_weight > 0:
+                    matches, finite = match_regions(o.tokens, teacher.tokens, b)
+                    index = target_index(matches, first // b, b, n_t)
+                    bad = torch.where(finite, 0.0, float("nan"))  # non-finite tokens: a NaN term, not a silent one
+                if fused:
+                    lp = log_p[first : first + rows] if bags else None
+                    ce, kl = fused_prototype_cross_entropy(
+                        o.region_embedding, o.prototypes, region_probs, *index, tau_s,
+                        weights=w, image_log_probs=lp, chunk_rows=self.fused_chunk_size,
+                    )  # fmt: skip
+                    region_sum, kl_sum = region_sum + ce / (b * n_s) + bad, kl_sum + kl
+                elif self.region_weight > 0 or bags:
+                    log_q = torch.log_softmax(o.region.float() / tau_s, dim=-1)
+                    if self.region_weight > 0:
+                        target = aggregate_targets(region_probs, *index).view_as(log_q)
+                        region_sum = region_sum + -(target * log_q).sum() / (b * n_s) + bad
+                    if bags:
+                        log_bags.append(bag_log_prob(log_q, w))
+                first += rows
+            if self.region_weight > 0:
+                terms["region"] = region_sum / n_pairs
+                loss = loss + self.region_weight * terms["region"]
+            if bags and fused:
+                terms["inter_student"] = kl_sum / (v * b)
+            elif bags:
+                log_b = torch.cat(log_bags)  # [V * B, K]
+                terms["inter_student"] = kl_rows(log_b, log_p).mean()
+            if self.inter_weight > 0:
+                loss = loss + self.inter_weight * terms["inter_student"]
+            if self.cross_weight > 0:
+                bag_target = aggregate_targets(beta, *image_index)  # sum_{g != v} beta_g
+                h = -(image_target * log_b).sum() - (bag_target * log_p).sum()
+                terms["cross"] = 0.5 * h / (b * n_pairs)
+                loss = loss + self.cross_weight * terms["cross"]
+            if self.koleo_weight > 0:
+                pooled = student[0].pooled[: g * b].unflatten(0, (g, b))
+                terms["koleo"] = sum(koleo(x) for x in pooled) / g
+                loss = loss + self.koleo_weight * terms["koleo"]
 
         if update_centers:
             self.update_centers(teacher)
-        return CMDLossOutput(loss=loss, terms={k: v.detach() for k, v in terms.items()})
+        for name in TERM_NAMES:
+            terms[name] = terms[name].detach()
+        return CMDLossOutput(loss=loss, terms=terms)
 
-    def accumulate_centers(self, teacher: CrossLevelOutput | Sequence[CrossLevelOutput]) -> None:
-        """Add the teacher's image (and region, when present) logits to the running sums (no sync)."""
-        for o in as_output_list("teacher", teacher):
-            self._accumulate("center", o.image)
-            if o.region is not None:
-                self._accumulate("region_center", o.region)
+    def _teacher_probs(self, logits: torch.Tensor, center: Center, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher ``(P, log P)`` [R, K] float32 by centering or Sinkhorn-Knopp (log P finite: >= log tiny)."""
+        if self.centering == "sinkhorn":
+            probs = sinkhorn_knopp(logits, tau, self.sinkhorn_iterations)
+            return probs, probs.clamp_min(_TINY).log()
+        return center.softmax(logits, tau)
 
-    def update_centers(self, teacher: CrossLevelOutput | Sequence[CrossLevelOutput] | None = None) -> None:
-        """Accumulate ``teacher`` (if given), then apply the pending update of both centers (collective)."""
-        if teacher is not None:
-            self.accumulate_centers(teacher)
-        self._apply_pending()
+    def accumulate_centers(self, teacher: Teacher) -> None:
+        """Add the teacher's image (and region) logits to the running sums (no sync); a tensor is image logits."""
+        self.update_centers(teacher, apply=False)
+
+    def update_centers(self, teacher: Teacher | None = None, *, apply: bool = True) -> None:
+        """Accumulate ``teacher`` (if given), then apply the pending update of both centers (a collective).
+
+        With gradient accumulation: ``forward(..., update_centers=False)`` and ``accumulate_centers``
+        per micro-batch, ``update_centers()`` once per step. With ``centering="sinkhorn"`` the centers
+        are not used and nothing happens.
+        """
+        if self.centering == "sinkhorn":
+            return
+        for o in [teacher] if isinstance(teacher, (CrossLevelOutput, torch.Tensor)) else teacher or []:
+            self.center.accumulate(o.image if isinstance(o, CrossLevelOutput) else o)
+            if getattr(o, "region", None) is not None:
+                self.region_center.accumulate(o.region)
+        if not apply:
+            return
+        self.center.update()
+        self.region_center.update()
+
+    def _check(self, student, teacher) -> tuple[list[CrossLevelOutput], CrossLevelOutput, int]:
+        """Normalise and check the inputs: ``(student groups, the teacher output, B)`` (ValueError naming the tensor)."""
+        if isinstance(teacher, Sequence) and len(teacher) == 1:
+            teacher = teacher[0]
+        if not isinstance(teacher, CrossLevelOutput):
+            raise TypeError("teacher must be one CrossLevelOutput of the G global crops (or a sequence of one); "
+                            f"got {type(teacher).__name__}{f' of {len(teacher)}' if isinstance(teacher, Sequence) else ''}")
+        student = [student] if isinstance(student, CrossLevelOutput) else student
+        if not (isinstance(student, Sequence) and student and isinstance(student[0], CrossLevelOutput)):
+            raise TypeError(f"student must be a CrossLevelOutput or a non-empty sequence of them; got {type(student).__name__}")
+        g, v, k = self.n_global_crops, self.n_crops, self.out_dim
+        rows_t = _check_shape("teacher.image", teacher.image, (None, k), f"([{g} crops x images, out_dim={k}])")[0]
+        if rows_t == 0 or rows_t % g:
+            raise ValueError(f"teacher outputs must hold {g} global crops x B images (crop-major), a positive "
+                             f"multiple of {g} rows; got {rows_t} rows")
+        b = rows_t // g
+        rows = []
+        for i, o in enumerate(student):
+            if not isinstance(o, CrossLevelOutput):
+                raise TypeError(f"student[{i}] must be a CrossLevelOutput; got {type(o).__name__}")
+            rows.append(_check_shape(f"student[{i}].image", o.image, (None, k), "")[0])
+        if sum(rows) != v * b or min(rows) == 0 or sum(map(b.__rmod__, rows)):
+            raise ValueError(f"student outputs must hold {v} crops x B={b} images = {v * b} rows (B from the teacher's "
+                             f"{rows_t} rows / {g} global crops), each group whole crops; got {sum(rows)} rows in {rows}")
+        if rows[0] < g * b:
+            raise ValueError(f"the first student group must start with the {g} global crops ({g * b} rows); it has "
+                             f"{rows[0]} rows (global crops split across groups are not supported)")
+        d = teacher.tokens.shape[-1] if teacher.tokens is not None and teacher.tokens.dim() == 3 else None
+        need_t = self.teacher_outputs - ({"mil_weights"} if self.cross_weight == 0 else set())
+        need_t |= {"mil_weights"} if teacher.mil_weights is not None and teacher.region is not None else set()
+        for i, o in enumerate([teacher, *student]):
+            name, need = ("teacher", need_t) if i == 0 else (f"student[{i - 1}]", self.student_outputs)
+            r, n = o.image.shape[0], o.num_tokens
+            e = o.region_embedding.shape[-1] if o.region_embedding is not None else None
+            shapes = {"region": ((r, n, k), f"([{r // b} crops x {b} images, tokens, out_dim={k}])"),
+                      "tokens": ((r, n, d), f"([{r}, tokens, dim={d}])"), "mil_weights": ((r, n), f"([{r}, tokens])"),
+                      "region_embedding": ((r, n, None), f"([{r}, tokens, bottleneck])"), "pooled": ((r, None), ""),
+                      "image": ((r, k), ""), "prototypes": ((k, e), f"([out_dim={k}, bottleneck={e}])")}  # fmt: skip
+            for f in sorted(need):
+                if getattr(o, f) is None:
+                    raise ValueError(f"{name}.{f} is None, but {_WHY[f]} needs it")
+                _check_shape(f"{name}.{f}", getattr(o, f), *shapes[f])
+                if self.validate and not bool(torch.isfinite(getattr(o, f)).all()):
+                    bad = int((~torch.isfinite(getattr(o, f))).sum())
+                    raise ValueError(f"{name}.{f} holds {bad} non-finite values (NaN or inf)")
+            if self.validate and "mil_weights" in need:
+                w = o.mil_weights.float()
+                if bool((w < 0).any()) or not bool(torch.allclose(w.sum(-1), torch.ones_like(w[:, 0]), atol=1e-3)):
+                    raise ValueError(f"{name}.mil_weights rows must sum to 1 with no negative weight (multi-instance weights)")
+        return list(student), teacher, b
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, crops={self.n_global_crops}+{self.n_local_crops}, "
-            f"weights(I={self.image_weight}, R={self.region_weight}, S={self.inter_weight}, X={self.cross_weight})"
-            + (f", fused_chunk_size={self.fused_chunk_size}" if self.fused_chunk_size is not None else "")
-        )
+        return (f"out_dim={self.out_dim}, crops={self.n_global_crops}+{self.n_local_crops}, centering={self.centering}, "
+                f"terms={self.active_terms}, fused_chunk_size={self.fused_chunk_size}")
 
 
-def _kl_from_probs(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q)`` per row for a probability tensor ``p`` that may hold zeros (0 log 0 = 0)."""
-    positive = p > 0
-    log_p = torch.where(positive, p, torch.ones_like(p)).log()
-    return torch.where(positive, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+def _check_shape(name: str, tensor: object, expected: Sequence[int | None], meaning: str) -> torch.Size:
+    """The shape of ``tensor``, a floating tensor of shape ``expected`` (None: any size there); else an error naming it."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {meaning}; got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor; got dtype {tensor.dtype}")
+    bad = tensor.dim() != len(expected)
+    for size, e in zip(tensor.shape, expected):
+        bad = bad or (e is not None and size != e)
+    if bad:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want} {meaning}; got {list(tensor.shape)}")
+    return tensor.shape
+
+
+def _load_legacy_centers(module, state_dict, prefix, *args) -> None:
+    """Checkpoints of the former layout hold the centers as ``center`` / ``region_center`` tensors."""
+    for name in ("center", "region_center"):
+        if prefix + name in state_dict:
+            state_dict[f"{prefix}{name}.value"] = state_dict.pop(prefix + name)

@@ -1,28 +1,17 @@
 """The student's region prototype layer fused with its log-softmax, cross-entropy and bag, in chunks.
 
-The straightforward region level holds, for all ``T`` student region tokens at once, the logits
-``x = z P^T`` [T, K] (``z`` the region head's L2-normalised bottleneck [T, d], ``P`` its prototypes
-[K, d]), their float32 log-softmax, the aggregated targets and, for autograd, copies of several of
-these: with K = 65536 that is gigabytes of memory traffic per step. Here the prototype layer is
-applied inside the loss, one chunk of student crops-of-images at a time (the technique of
-Liger-Kernel's fused linear cross-entropy and of Cut Cross-Entropy, Wijmans et al. 2024, written from
-the equations below):
-
-- per chunk of ``r`` rows (a row: one crop of one image, a bag of its N region tokens):
-  ``x = z P^T / tau_s``, ``log q = log_softmax(x)`` (float32), the aggregated matched target
-  ``T_j = sum_{g != v} Q_{g, m_g(j)}`` gathered from the teacher's probabilities, the summed
-  cross-entropy ``-sum_jk T_jk log q_jk``, and with weights the bag ``log b = logsumexp_j(log w_j +
-  log q_j)`` and ``KL(b || p)`` against the image log-probabilities ``log p`` of the same crop;
-- nothing of size [chunk, K] survives the chunk; backward recomputes ``x`` per chunk and forms
-  ``dL/dx`` directly:
-
-  ``dCE/dx = (m q - T) / tau`` (m the target mass of the token, G - 1 or G);
-  ``dKL/dlog q_jk = w_j q_jk a_k`` with ``a_k = log b_k - log p_k + 1``, ``dKL/dw_j = sum_k q_jk a_k``,
-  ``dKL/dlog p_k = -b_k``; through the log-softmax ``dx = (g - q rowsum(g)) / tau``;
-  then ``dz = dx P`` and ``dP += dx^T z``.
-
-Peak memory of the student's region level is then a few [chunk tokens, K] buffers instead of a few
-[T, K] ones, at the price of the chunk's matrix product once more in backward (2 T d K FLOPs).
+The plain region level holds the logits ``x = z P^T`` [T, K] of all T student tokens (``z`` the region
+head's L2-normalised bottleneck [T, d], ``P`` its prototypes [K, d]), their float32 log-softmax and
+autograd's copies: gigabytes at K = 65536. Here the prototype layer runs inside the loss, one chunk
+of crop-images at a time (the technique of Liger-Kernel's fused linear cross-entropy and of Cut
+Cross-Entropy, Wijmans et al. 2024, written from the equations below). Per chunk: ``x = z P^T / tau``,
+``log q = log_softmax(x)``, the aggregated target ``T_j = sum_{g != v} Q_{g, m_g(j)}`` (the same
+``(index, valid)`` as the plain path), ``-sum T log q``, and with weights the bag ``log b =
+logsumexp_j(log w_j + log q_j)`` and ``KL(b || p)``. Nothing of size [chunk, K] outlives its chunk;
+backward recomputes ``x`` per chunk and forms ``dL/dx`` directly: ``dCE/dx = (m q - T) / tau`` (m = the
+token's target mass); ``dKL/dlog q_jk = w_j q_jk a_k`` with ``a_k = log b_k - log p_k + 1``,
+``dKL/dw_j = sum_k q_jk a_k``, ``dKL/dlog p_k = -b_k``, through the log-softmax ``(g - q rowsum g) / tau``;
+then ``dz = dx P`` and ``dP += dx^T z`` (the chunk's product once more: 2 T d K FLOPs).
 
 Example:
     >>> import torch
@@ -42,34 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_prototype_cross_entropy", "fused_region_distillation", "matched_target_index"]
-
-
-def matched_target_index(
-    matches: torch.Tensor, teacher_row_start: torch.Tensor, teacher_tokens: torch.Tensor, first_crop: int, n_global: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the teacher's flat region probabilities that make each student token's aggregated target.
-
-    Args:
-        matches: [C, B, N, G] long, ``m_g(j)`` for every student region of C crops (from ``match_regions``).
-        teacher_row_start: [G] long, the first row of teacher crop g in the flat [M, K] probabilities.
-        teacher_tokens: [G] long, N_g.
-        first_crop: index (among all V student crops) of this group's first crop.
-        n_global: G.
-
-    Returns:
-        ``(index [C * B * N, G] long, valid [C * B * N, G] float32)``: the target of student token
-        ``((c * B + b) * N + j)`` is ``sum_g valid * Q[index]``; ``valid`` is 0 exactly where ``g`` is
-        the student crop's own view.
-    """
-    c, b, n, g = matches.shape
-    images = torch.arange(b, device=matches.device).view(1, b, 1, 1)
-    index = teacher_row_start.view(1, 1, 1, g) + images * teacher_tokens.view(1, 1, 1, g) + matches
-    crop = torch.arange(first_crop, first_crop + c, device=matches.device).view(c, 1, 1, 1)
-    teacher = torch.arange(g, device=matches.device).view(1, 1, 1, g)
-    valid = (crop != teacher).to(torch.float32).expand(c, b, n, g)
-    del n_global  # the own view is recognised by index, whatever G is
-    return index.reshape(-1, g), valid.reshape(-1, g)
+__all__ = ["fused_prototype_cross_entropy"]
 
 
 def _chunk_log_probs(z: torch.Tensor, protos: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -95,7 +57,9 @@ class _FusedPrototypeCrossEntropy(torch.autograd.Function):
             ce = ce - torch.dot(target.reshape(-1), log_q.reshape(-1))
             del target
             if log_w is not None:
-                log_b = _bag_log_prob(log_q.view(r1 - r0, n, -1), log_w[r0:r1])
+                # log b = logsumexp_j(log w_j + log q_j); an empty bag (all w = 0): float32 min, finite
+                log_b = torch.logsumexp(log_q.view(r1 - r0, n, -1) + log_w[r0:r1].unsqueeze(-1), dim=1)
+                log_b.clamp_(min=torch.finfo(torch.float32).min)
                 log_bags[r0:r1] = log_b  # [rows, K]: one per bag, small next to the [tokens, K] logits
                 kl = kl + (log_b.exp() * (log_b - image_log_probs[r0:r1])).sum()
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
@@ -146,23 +110,8 @@ class _FusedPrototypeCrossEntropy(torch.autograd.Function):
             else:  # bf16 / fp16 product, float32 accumulation across chunks
                 grad_p.add_(torch.mm(grad_x.t().to(z.dtype), z))
             del q, grad_x
-        return (
-            grad_z.view(r, n, d),
-            grad_p.to(protos.dtype),
-            None,
-            None,
-            None,
-            grad_w.to(ctx.weights_dtype) if grad_w is not None else None,
-            grad_log_p,
-            None,
-            None,
-        )
-
-
-def _bag_log_prob(log_q: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """``log b = logsumexp_j(log w_j + log q_j)`` [R, K] from [R, N, K] and [R, N] (finite: empty bag -> float32 min)."""
-    log_b = torch.logsumexp(log_q + log_w.unsqueeze(-1), dim=1)
-    return log_b.clamp_(min=torch.finfo(torch.float32).min)
+        grad_w = grad_w.to(ctx.weights_dtype) if grad_w is not None else None
+        return grad_z.view(r, n, d), grad_p.to(protos.dtype), None, None, None, grad_w, grad_log_p, None, None
 
 
 def fused_prototype_cross_entropy(
@@ -177,116 +126,25 @@ def fused_prototype_cross_entropy(
     image_log_probs: torch.Tensor | None = None,
     chunk_rows: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's region cross-entropy (and bag KL) with the prototype layer applied chunk by chunk.
+    """``ce = -sum_tk T_tk log q_tk`` and ``kl = sum_r KL(b_r || p_r)`` with ``log q = log_softmax(z P^T / tau)``
+    applied chunk by chunk, never holding the [R * N, K] logits (``T_t = sum_g valid_tg Q[index_tg]``).
 
-    Equals, without materialising the [R * N, K] logits, ``x = (embedding @ prototypes^T) / tau``,
-    ``log q = log_softmax(x)`` and
-
-    - ``ce = -sum_{t, k} T_tk log q_tk`` with ``T_t = sum_g valid_tg Q[index_tg]``;
-    - ``kl = sum_r KL(b_r || p_r)``, ``log b_r = logsumexp_j(log w_rj + log q_rj)`` (0 without weights).
-
-    Args:
-        embedding: [R, N, d] the student's L2-normalised region bottleneck (``region_embedding``);
-            R = crops x images, each row a bag of N tokens.
-        prototypes: [K, d] the region head's effective last-layer weight (``head.region_head.prototypes``).
-        teacher_probs: [M, K] float32 teacher region probabilities (no gradient).
-        target_index, target_valid: [R * N, G] from `matched_target_index`.
-        temperature: tau_s.
-        weights: [R, N] normalised multi-instance weights (rows sum to 1), or None (no bag term).
-        image_log_probs: [R, K] float32 student image log-probabilities of the same rows (with ``weights``).
-        chunk_rows: rows (crop-images, whole bags) per chunk; peak extra memory ~ a few
-            ``chunk_rows * N * K`` float32 buffers.
-
-    Returns:
-        ``(ce, kl)``: 0-dim float32 sums; gradients reach ``embedding``, ``prototypes``, ``weights``
-        and ``image_log_probs``.
+    Shapes: ``embedding`` [R, N, d] (``region_embedding``: R crop-images, each a bag of N tokens);
+    ``prototypes`` [K, d]; ``teacher_probs`` [M, K] float32 (no gradient); ``target_index`` /
+    ``target_valid`` [R * N, G] (`cmd.losses.functional.target_index`); ``weights`` [R, N] normalised,
+    or None (no bag term); ``image_log_probs`` [R, K] (with ``weights``). ``chunk_rows`` crop-images
+    per chunk (peak extra memory: a few ``chunk_rows * N * K`` float32). Returns ``(ce, kl)``, 0-dim
+    float32 sums; gradients reach ``embedding``, ``prototypes``, ``weights`` and ``image_log_probs``.
     """
-    if embedding.dim() != 3:
-        raise ValueError(f"embedding must be [R, N, d]; got {list(embedding.shape)}")
-    r, n, d = embedding.shape
-    if prototypes.dim() != 2 or prototypes.shape[1] != d:
-        raise ValueError(f"prototypes must be [K, d={d}]; got {list(prototypes.shape)}")
-    k = prototypes.shape[0]
-    if teacher_probs.dim() != 2 or teacher_probs.shape[1] != k or teacher_probs.dtype != torch.float32:
-        raise ValueError(f"teacher_probs must be float32 [M, K={k}]; got {teacher_probs.dtype} {list(teacher_probs.shape)}")
-    if target_index.shape != target_valid.shape or target_index.dim() != 2 or target_index.shape[0] != r * n:
-        raise ValueError(
-            f"target_index and target_valid must both be [R * N = {r * n}, G]; got {list(target_index.shape)} "
-            f"and {list(target_valid.shape)}"
-        )
+    d = embedding.shape[-1]
+    if embedding.dim() != 3 or prototypes.dim() != 2 or prototypes.shape[1] != d:
+        raise ValueError(f"embedding must be [R, N, d] and prototypes [K, d]; got {list(embedding.shape)}, "
+                         f"{list(prototypes.shape)}")
     if (weights is None) != (image_log_probs is None):
         raise ValueError("weights and image_log_probs go together (the bag term needs both)")
-    if weights is not None and (weights.shape != (r, n) or image_log_probs.shape != (r, k)):
-        raise ValueError(
-            f"weights must be [R, N] = {[r, n]} and image_log_probs [R, K] = {[r, k]}; got "
-            f"{list(weights.shape)} and {list(image_log_probs.shape)}"
-        )
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int; got {chunk_rows!r}")
     return _FusedPrototypeCrossEntropy.apply(
         embedding, prototypes, teacher_probs.detach(), target_index, target_valid.to(torch.float32),
         weights, image_log_probs, float(temperature), chunk_rows,
     )
-
-
-def fused_region_distillation(
-    student_embeddings: list[torch.Tensor],
-    student_features: list[torch.Tensor],
-    teacher_regions: list[torch.Tensor],
-    teacher_features: list[torch.Tensor],
-    layout,
-    prototypes: torch.Tensor,
-    region_center: torch.Tensor,
-    teacher_temp: float,
-    student_temp: float,
-    *,
-    chunk_rows: int,
-    student_weights: list[torch.Tensor] | None = None,
-    image_log_probs: torch.Tensor | None = None,
-    teacher_weights: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``sum_{g, v != g} R(g, v)`` and ``sum_rows KL(b || p)`` with the student's prototype layer fused in.
-
-    The teacher side is as in `cmd.losses.region.region_distillation` (its region logits, centered
-    probabilities, argmax matching on backbone tokens); the student side goes through
-    `fused_prototype_cross_entropy`, one call per student group.
-
-    Args:
-        student_embeddings: per student group [C_s * B, N_s, d] (``region_embedding``).
-        student_features, teacher_regions, teacher_features, layout, region_center, teacher_temp,
-            student_temp: as in `region_distillation`.
-        prototypes: [K, d] the student region head's prototypes.
-        chunk_rows: crop-images per chunk.
-        student_weights: per student group [C_s * B, N_s] normalised weights (the bag term), or None.
-        image_log_probs: [V * B, K] the student's image log-probabilities (with ``student_weights``).
-        teacher_weights: per teacher group, for the teacher's bags (the ``inter_teacher`` diagnostic).
-
-    Returns:
-        ``(region_ce_sum, kl_sum, teacher_bags)``: ``region_ce_sum`` is ``sum over pairs of R(g, v)``
-        (divide by the pair count), ``kl_sum`` the bag KL summed over all V * B student rows.
-    """
-    from cmd.losses.region import teacher_region_targets
-
-    b = layout.batch_size
-    device = student_embeddings[0].device
-    teacher = teacher_region_targets(
-        teacher_regions, teacher_features, layout, region_center, teacher_temp, teacher_weights
-    )
-
-    ce_total = torch.zeros((), device=device)
-    kl_total = torch.zeros((), device=device)
-    row0 = 0
-    for s, (emb, features) in enumerate(zip(student_embeddings, student_features)):
-        index, valid = matched_target_index(
-            teacher.match(features), teacher.row_start, teacher.tokens, layout.first_student_crop(s), layout.n_global
-        )
-        rows = emb.shape[0]
-        w = student_weights[s] if student_weights is not None else None
-        lp = image_log_probs[row0 : row0 + rows] if w is not None else None
-        ce, kl = fused_prototype_cross_entropy(
-            emb, prototypes, teacher.probs, index, valid, student_temp, weights=w, image_log_probs=lp, chunk_rows=chunk_rows
-        )
-        ce_total = ce_total + ce / (b * emb.shape[1])
-        kl_total = kl_total + kl
-        row0 += rows
-    return ce_total, kl_total, teacher.bags

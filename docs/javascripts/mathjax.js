@@ -1,11 +1,14 @@
-// MathJax 3 configuration for pymdownx.arithmatex (generic mode). MathJax itself is loaded from a CDN
-// when the page is viewed; building the site needs no network.
+// MathJax 3 configuration for pymdownx.arithmatex (generic mode). MathJax itself (tex-svg.js: SVG
+// output, no web fonts) is served from the built site, vendored by docs/_hooks/vendor_js.py.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
     displayMath: [["\\[", "\\]"]],
     processEscapes: true,
     processEnvironments: true,
+  },
+  svg: {
+    fontCache: "global",
   },
   options: {
     ignoreHtmlClass: ".*|",

@@ -1,11 +1,14 @@
 """pretrain.main with (a) entropy tracing of the image-level teacher, (b) optional Sinkhorn-Knopp teacher (SK=1)."""
 import json, math, os, sys
 import torch
-sys.path.insert(0, "/work/wt-regime/examples")
+sys.path.insert(0, "examples")  # run from the repository root
 import cmd.losses.dino as D
 import cmd.losses.region as R
 import cmd.losses.targets as T
-import pretrain
+try:  # the program moved into the package (cmd/cli/pretrain.py): patch it there
+    import cmd.cli.pretrain as pretrain
+except ImportError:
+    import pretrain
 import cmd.data.synthetic as SY
 if os.environ.get("EASY_PF"):
     SY.DIFFICULTIES["easy"]["part_fraction"] = float(os.environ["EASY_PF"])

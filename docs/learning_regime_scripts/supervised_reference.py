@@ -2,8 +2,11 @@
 import json, sys, time, argparse
 import torch, torch.nn as nn
 import cmd
-sys.path.insert(0, "/work/wt-regime/examples")
-from pretrain import knn_top1, parse_args
+sys.path.insert(0, "examples")  # run from the repository root
+try:
+    from cmd.cli.pretrain import build_data, knn_top1, parse_args
+except ImportError:
+    from pretrain import build_data, knn_top1, parse_args
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=120)
 p.add_argument("--slr", type=float, default=1e-3)
@@ -14,7 +17,6 @@ bb = cmd.create_backbone(args.arch, **args.backbone_kwargs)
 head = nn.Linear(bb.embed_dim, args.synthetic_classes)
 aug = cmd.MultiCropAugmentation(global_size=args.global_size, local_size=args.local_size, n_global=2, n_local=0,
                                 global_scale=tuple(args.global_crops_scale))
-from pretrain import build_data
 data = build_data(args, "train", aug)
 loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size_per_gpu, shuffle=True, drop_last=True,
                                      collate_fn=cmd.multicrop_collate)

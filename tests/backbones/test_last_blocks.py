@@ -102,3 +102,22 @@ def test_bad_arguments():
         swin.forward_last_blocks(images(1, 32), n=1, avgpool=True)
     with pytest.raises(ValueError, match="multiples of its patch size"):
         vit.forward_last_blocks(images(1, 33), n=1)
+
+
+def test_vit_avgpool_in_dinos_interleaved_layout():
+    """DINO's eval_linear.py: cat(cls[..., None], mean_patch[..., None], -1).reshape(B, -1) (n = 1 only)."""
+    bb = tiny("vit", depth=3)
+    x = images(2, 32)
+    with torch.no_grad():
+        out = bb(x)
+        cls, mean = out.pooled, out.tokens.mean(dim=1)
+        expected = torch.cat((cls.unsqueeze(-1), mean.unsqueeze(-1)), dim=-1).reshape(2, -1)
+        got = bb.forward_last_blocks(x, n=1, avgpool=True, avgpool_layout="dino")
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert torch.equal(got[:, 0::2], bb.forward_last_blocks(x, n=1))
+        # without avgpool the layout changes nothing
+        assert torch.equal(bb.forward_last_blocks(x, n=2, avgpool_layout="dino"), bb.forward_last_blocks(x, n=2))
+    with pytest.raises(ValueError, match="only n_last_blocks=1"):
+        bb.forward_last_blocks(x, n=2, avgpool=True, avgpool_layout="dino")
+    with pytest.raises(ValueError, match="avgpool_layout must be"):
+        bb.forward_last_blocks(x, n=1, avgpool=True, avgpool_layout="interleaved")

@@ -40,6 +40,7 @@ def test_image_folder(tmp_path):
     assert len(flat) == 4
     with pytest.raises(FileNotFoundError, match="test"):
         build_dataset("imagefolder", tmp_path, "test")
+    (tmp_path / "train" / "c_empty").mkdir()
     (tmp_path / "val" / "c_empty").mkdir()
     with pytest.raises(FileNotFoundError, match="c_empty"):
         build_dataset("imagefolder", tmp_path, "val")

@@ -83,3 +83,13 @@ def test_bad_outputs_and_batches_raise():
         extract_features(lambda x: x.flatten(1), images_only, progress=False)
     with pytest.raises(ValueError, match="no batch"):
         extract_features(lambda x: x.flatten(1), [], progress=False)
+
+
+def test_drop_last_loader_raises_in_one_process():
+    """Issue 15 item 6: 6 images with batch size 4 and drop_last=True used to give 4 rows silently."""
+    data = TensorDataset(torch.randn(6, 3, 4, 4), torch.arange(6) % 2)
+    model = torch.nn.Flatten()
+    with pytest.raises(ValueError, match=r"drops its last batch.*6 samples, batch size 4.*drop_last=False"):
+        extract_features(model, DataLoader(data, batch_size=4, drop_last=True), progress=False)
+    feats, _ = extract_features(model, DataLoader(data, batch_size=3, drop_last=True), progress=False)
+    assert feats.shape[0] == 6  # nothing to drop: accepted

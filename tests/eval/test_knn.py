@@ -10,7 +10,7 @@ import torch
 
 from cmd.eval import InnerProductSearch, KNNClassifier
 
-BACKENDS = ["faiss", "torch"]
+BACKENDS = ["faiss", "torch", "auto"]
 
 
 def reference_knn(train, train_y, test, test_y, k, temperature, num_classes):

@@ -169,3 +169,31 @@ def test_with_a_tiny_vit_backbone():
                              epochs=2, cache_features=True, progress=False)
     assert out["feature_dim"] == 3 * 192
     assert 0.0 <= out["top1"] <= 100.0
+
+
+class _NoTargets(Dataset):
+    """Blobs without a `targets` attribute (labels are only seen batch by batch)."""
+
+    def __init__(self, inner: Dataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        return self.inner[i]
+
+
+def test_streaming_probe_refuses_out_of_range_labels_and_bad_label_fractions():
+    """Issue 15 item 17: 'IndexError: Target 2 is out of bounds' and 'missing targets' for label_fraction=0."""
+    train, val = _loaders()
+    with pytest.raises(ValueError, match=r"training labels must lie in \[0, num_classes=2\), got \[0, 3\]"):
+        train_linear_probe(StandInBackbone(), train, val, num_classes=2, epochs=1, progress=False)
+    hidden = DataLoader(_NoTargets(Blobs(5, seed=1)), batch_size=8)
+    with pytest.raises(ValueError, match=r"training labels must lie in \[0, num_classes=2\)"):
+        train_linear_probe(StandInBackbone(), hidden, val, num_classes=2, epochs=1, progress=False)
+    for fraction in (0, 1.5):
+        for cached in (False, True):
+            with pytest.raises(ValueError, match=rf"label_fraction must be a number in \(0, 1\], got {fraction}"):
+                train_linear_probe(StandInBackbone(), hidden, val, num_classes=4, epochs=1, progress=False,
+                                   label_fraction=fraction, cache_features=cached)

@@ -60,3 +60,20 @@ def test_linear(evaluate, weights, tmp_path):
                          "--output_dir", str(tmp_path)])
     assert (tmp_path / "results.json").exists()
     assert "best" in json.dumps(res) or "top1" in json.dumps(res)
+
+
+def test_dino_checkpoint_is_loaded_with_dino_numerics(evaluate, tmp_path, capsys):
+    import cmd
+
+    torch.manual_seed(2)
+    backbone = cmd.create_backbone("vit_tiny", depth=1, patch_size=8, embed_dim=24, num_heads=2)
+    path = tmp_path / "dino.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in backbone.model.state_dict().items()}}, path)
+    args = evaluate.build_parser().parse_args(["knn", *SMALL, "--pretrained_weights", str(path)])
+    loaded = evaluate.build_backbone(args)
+    assert loaded.numerics == "dino"
+    assert "dino checkpoint: loaded" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"16 of 18 model tensors would load; 2 shape mismatches.*pos_embed"):
+        other = ["--backbone_kwargs", '{"depth": 1, "patch_size": 16, "embed_dim": 24, "num_heads": 2}']
+        evaluate.build_backbone(evaluate.build_parser().parse_args(["knn", *SMALL, *other, "--pretrained_weights",
+                                                                    str(path)]))

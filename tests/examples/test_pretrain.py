@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ def test_default_run_reduced(pretrain, tmp_path):
     backbone = cmd.create_backbone("vit_tiny", depth=2, patch_size=8, embed_dim=48, num_heads=3)
     report = cmd.load_checkpoint(backbone, tmp_path / "checkpoint.pth", checkpoint_key="teacher")
     assert not report.missing and not report.unexpected
+    assert report.suggested_numerics == "timm"  # the run's numerics, stored as "backbone_numerics"
     for picture in ("training_curves.png", "region_weights.png"):
         assert (tmp_path / picture).stat().st_size > 1000, picture
 
@@ -167,6 +169,8 @@ def test_other_presets_run_and_log_strict_json(pretrain, tmp_path, preset):
 
     (record,) = [json.loads(line, parse_constant=reject) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert "image" in record and ("region" in record) == (preset == "esvit")
+    ckpt = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["backbone_numerics"] == "timm"  # read back by create_backbone(checkpoint=...)
 
 
 @pytest.mark.slow
@@ -178,3 +182,50 @@ def test_fused_region_path_matches_plain_path(pretrain, tmp_path):
     a, b = _teacher_state(tmp_path / "plain"), _teacher_state(tmp_path / "fused")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ------------------------------------------------------------------------------------ --init (issue 15 item 2)
+_INIT_ARCH = ["--backbone_kwargs", '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}']
+
+
+def _init_args(pretrain, init: Path, *extra: str):
+    return pretrain.parse_args(["--init", str(init), *_INIT_ARCH, *extra])
+
+
+def test_init_from_another_architecture_fails_with_counts_and_keys(pretrain, tmp_path, capsys):
+    import cmd
+
+    other = cmd.create_backbone("vit_tiny", depth=2, patch_size=16, embed_dim=24, num_heads=2)
+    path = tmp_path / "other.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in other.model.state_dict().items()}}, path)
+    with pytest.raises(SystemExit, match=r"0 of \d+ model tensors would load; \d+ shape mismatches.*cls_token"):
+        pretrain.build_network(_init_args(pretrain, path))
+    # a partial start must still load something
+    with pytest.raises(SystemExit, match=r"nothing loads into vit_tiny.*loaded 0 of"):
+        pretrain.build_network(_init_args(pretrain, path, "--init_partial"))
+
+
+def test_init_partial_loads_what_fits_and_says_so(pretrain, tmp_path, capsys):
+    import cmd
+
+    torch.manual_seed(3)
+    deeper = cmd.create_backbone("vit_tiny", depth=3, patch_size=8, embed_dim=48, num_heads=3)
+    path = tmp_path / "deeper.pth"
+    torch.save(deeper.model.state_dict(), path)
+    with pytest.raises(SystemExit, match=r"unexpected keys.*blocks\.2\."):
+        pretrain.build_network(_init_args(pretrain, path))
+    net = pretrain.build_network(_init_args(pretrain, path, "--init_partial"), verbose=True)
+    assert torch.equal(net.backbone.model.blocks[1].mlp.fc1.weight, deeper.model.blocks[1].mlp.fc1.weight)
+    out = capsys.readouterr().out
+    assert re.search(r"initialised from .*: timm checkpoint: loaded \d+ of \d+ tensors; numerics 'timm'.*unexpected", out)
+
+
+def test_init_from_dino_checkpoint_picks_dino_numerics(pretrain, tmp_path, capsys):
+    import cmd
+
+    source = cmd.create_backbone("vit_tiny", depth=2, patch_size=8, embed_dim=48, num_heads=3)
+    path = tmp_path / "dino.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in source.model.state_dict().items()}}, path)
+    net = pretrain.build_network(_init_args(pretrain, path), verbose=True)
+    assert net.backbone.numerics == "dino"
+    assert "numerics 'dino' (chosen from the checkpoint format 'dino'" in capsys.readouterr().out

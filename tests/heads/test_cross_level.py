@@ -28,9 +28,9 @@ def test_outputs_equal_per_token_computation(image_input, n):
     out = head(tokens, pooled)
     assert isinstance(out, CrossLevelOutput)
     assert out.image.shape == (3, K) and out.region.shape == (3, n, K)
-    assert out.weights.shape == (3, n) and out.features is tokens
+    assert out.mil_weights.shape == (3, n) and out.tokens is tokens
     bag, weights = head.pooling(tokens)
-    torch.testing.assert_close(out.weights, weights)
+    torch.testing.assert_close(out.mil_weights, weights)
     expected_image = head.image_head(pooled if image_input == "pooled" else bag)
     torch.testing.assert_close(out.image, expected_image)
     for b in range(3):  # the batched region call equals the head applied token by token
@@ -42,9 +42,9 @@ def test_dino_preset_without_region_head_or_pooling():
     head = _head(region_head=False, pooling=None)
     assert head.region_head is None and head.pooling is None and not head.has_region_head
     out = head(torch.randn(2, 4, D), torch.randn(2, D))
-    assert out.region is None and out.weights is None and out.image.shape == (2, K)
+    assert out.region is None and out.mil_weights is None and out.image.shape == (2, K)
     out = _head(region_head=False, pooling="mean")(torch.randn(2, 4, D), torch.randn(2, D))
-    assert out.region is None and out.weights.shape == (2, 4)
+    assert out.region is None and out.mil_weights.shape == (2, 4)
 
 
 def test_share_prototypes():
@@ -69,7 +69,7 @@ def test_deepcopy_gives_equal_independent_teacher():
     teacher = copy.deepcopy(head)
     tokens, pooled = torch.randn(2, 5, D), torch.randn(2, D)
     a, b = head(tokens, pooled), teacher(tokens, pooled)
-    for name in ("image", "region", "weights"):
+    for name in ("image", "region", "mil_weights"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name))
     for p_s, p_t in zip(head.parameters(), teacher.parameters()):
         assert p_s.data_ptr() != p_t.data_ptr()
@@ -80,7 +80,7 @@ def test_mask_goes_to_pooling():
     tokens = torch.randn(2, 5, D)
     mask = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 0, 0, 0]], dtype=torch.bool)
     out = head(tokens, mask=mask)
-    assert (out.weights[~mask] == 0).all()
+    assert (out.mil_weights[~mask] == 0).all()
     torch.testing.assert_close(out.image[1], head.image_head(tokens[1, 1])[None][0])
     with pytest.raises(ValueError, match="no pooling"):
         _head(pooling=None)(tokens, torch.randn(2, D), mask=mask)
@@ -123,7 +123,7 @@ def test_finite_for_huge_tokens_under_autocast():
     head = _head(image_input="mil")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(torch.randn(2, 9, D) * 1e4)
-    for t in (out.image, out.region, out.weights):
+    for t in (out.image, out.region, out.mil_weights):
         assert torch.isfinite(t).all()
 
 
@@ -149,3 +149,32 @@ def test_bad_arguments():
         head(torch.randn(2, 3, D + 1), torch.randn(2, D))
     with pytest.raises(ValueError, match=r"pooled must have shape \[B, D\] = \[2, 12\]"):
         head(torch.randn(2, 3, D), torch.randn(3, D))
+
+
+def test_cross_level_output_renamed_fields_keep_deprecated_aliases():
+    tokens, weights = torch.randn(2, 3, 4), torch.full((2, 3), 1 / 3)
+    with pytest.warns(DeprecationWarning) as record:
+        out = CrossLevelOutput(torch.zeros(2, 5), features=tokens, weights=weights)
+    assert ["use tokens=" in str(r.message) for r in record] == [True, False]
+    assert out.tokens is tokens and out.mil_weights is weights
+    with pytest.warns(DeprecationWarning, match="mil_weights"):
+        assert out.weights is weights
+    with pytest.warns(DeprecationWarning, match="tokens"):
+        assert out.features is tokens
+    with pytest.raises(TypeError, match="tokens= only"):
+        CrossLevelOutput(torch.zeros(2, 5), tokens=tokens, features=tokens)
+
+
+def test_head_computes_only_the_outputs_asked_for():
+    head = CrossLevelHead(8, out_dim=12, hidden_dim=16, bottleneck_dim=4)
+    tokens = torch.randn(2, 3, 8)
+    out = head(tokens, pooled=tokens.mean(1), outputs={"image"})
+    assert out.region is None and out.mil_weights is None and out.region_embedding is None
+    out.image.sum().backward()
+    assert all(p.grad is None for p in head.pooling.parameters())  # the pooling did not run
+    assert all(p.grad is None for p in head.region_head.parameters())
+    with pytest.raises(ValueError, match="unknown outputs"):
+        head(tokens, pooled=tokens.mean(1), outputs={"features"})
+    no_pool = CrossLevelHead(8, out_dim=12, hidden_dim=16, bottleneck_dim=4, pooling=None)
+    with pytest.raises(ValueError, match="no pooling"):
+        no_pool(tokens, pooled=tokens.mean(1), outputs={"image", "mil_weights"})

@@ -182,3 +182,27 @@ def test_cancel_last_layer_gradients():
         backward()
         cancel_last_layer_gradients(net, epoch=epoch, freeze_last_layer=freeze)
         assert all(p.grad is not None for p in net.parameters())
+
+
+def test_one_layer_head_loads_dino_mlp_keys_and_ours():
+    """DINO's nlayers=1 head is a bare nn.Linear (``mlp.weight``); ours is ``mlp.0.weight``: both load."""
+    g = torch.Generator().manual_seed(7)
+    raw = {
+        "mlp.weight": torch.randn(BOT, IN, generator=g) / math.sqrt(IN),
+        "mlp.bias": torch.randn(BOT, generator=g) * 0.1,
+        "last_layer.weight_g": torch.rand(K, 1, generator=g) + 0.5,
+        "last_layer.weight_v": torch.randn(K, BOT, generator=g),
+    }
+    head = _head(n_layers=1, norm_last_layer=False)
+    head.load_state_dict(raw)
+    x = torch.randn(3, IN)
+    as_ours = {("mlp.0." + k[4:] if k.startswith("mlp.") else k): v for k, v in raw.items()}
+    torch.testing.assert_close(head(x).double(), _reference_forward(as_ours, x, n_layers=1), atol=1e-5, rtol=1e-4)
+    # the legacy export is DINO's layout, and our own layout loads too
+    assert set(head.legacy_state_dict()) == set(raw)
+    other = _head(n_layers=1, norm_last_layer=False)
+    other.load_state_dict(head.state_dict())
+    torch.testing.assert_close(other(x), head(x))
+    # a three-layer head keeps refusing a bare mlp.weight
+    with pytest.raises(RuntimeError, match="mlp.weight"):
+        _head().load_state_dict(raw)

@@ -67,16 +67,16 @@ class ReferenceCMD:
         # student tensors keep their graph (converted to float64 by the caller if needed)
         s_img = [c for o in student for c in o.image.split(B)]
         s_reg = [c for o in student for c in (o.region.split(B) if o.region is not None else [None] * (o.image.shape[0] // B))]
-        s_fea = crops_of(student, B, "features")
-        s_w = [c for o in student for c in (o.weights.split(B) if o.weights is not None else [None] * (o.image.shape[0] // B))]
+        s_fea = crops_of(student, B, "tokens")
+        s_w = [c for o in student for c in (o.mil_weights.split(B) if o.mil_weights is not None else [None] * (o.image.shape[0] // B))]
         t_img = torch.cat([o.image for o in teacher]).detach().double()
         P = F.softmax((t_img - self.center) / temp, dim=-1).split(B)
         has_region = all(o.region is not None for o in teacher)
         if has_region:
             t_reg_all = [o.region.detach().double() for o in teacher]
             Q = [c for r in t_reg_all for c in F.softmax((r - self.region_center) / temp, dim=-1).split(B)]
-            t_fea = crops_of(teacher, B, "features")
-            t_w = crops_of(teacher, B, "weights")
+            t_fea = crops_of(teacher, B, "tokens")
+            t_w = crops_of(teacher, B, "mil_weights")
         log_p = [F.log_softmax(x.double() / self.ts, dim=-1) for x in s_img]
 
         terms = {k: 0.0 for k in ("image", "region", "cross")}
@@ -118,6 +118,11 @@ class ReferenceCMD:
                 [kl((t_w[g].unsqueeze(-1) * Q[g]).sum(1), P[g]).mean() for g in range(G)]
             ).mean()
         terms["teacher_entropy"] = torch.stack([-(P[g] * P[g].log()).sum(-1).mean() for g in range(G)]).mean()
+        mean_p = torch.cat(P).mean(0)
+        terms["teacher_batch_entropy"] = -(mean_p * mean_p.log()).sum()
+        if has_region:
+            q_all = torch.cat([q.reshape(-1, q.shape[-1]) for q in Q])
+            terms["teacher_region_entropy"] = -torch.special.xlogy(q_all, q_all).sum(-1).mean()
         terms["teacher_student_kl"] = torch.stack(
             [kl(P[g], log_p[v].exp()).mean() for g in range(G) for v in range(V) if v != g]
         ).mean()
@@ -178,4 +183,4 @@ def as_float64(outputs: list[CrossLevelOutput], requires_grad: bool = False) -> 
     """Detached float64 copies (leaves) of every tensor."""
     def conv(t):
         return None if t is None else t.detach().double().requires_grad_(requires_grad)
-    return [CrossLevelOutput(conv(o.image), conv(o.region), conv(o.features), conv(o.weights)) for o in outputs]
+    return [CrossLevelOutput(conv(o.image), conv(o.region), conv(o.tokens), conv(o.mil_weights)) for o in outputs]

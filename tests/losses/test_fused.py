@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from cmd.heads import CrossLevelHead
 from cmd.heads.output import CrossLevelOutput
 from cmd.losses import CMDLoss
-from cmd.losses.fused import fused_prototype_cross_entropy, matched_target_index
+from cmd.losses.functional import target_index
+from cmd.losses.fused import fused_prototype_cross_entropy
 
 
 def _plain_terms(z, protos, teacher_probs, index, valid, tau, weights, image_log_probs):
@@ -84,22 +85,22 @@ def test_fused_function_is_finite_for_large_logits_and_bf16_embeddings():
     assert torch.isfinite(big.grad).all() and torch.isfinite(w.grad).all()
 
 
-def test_matched_target_index_drops_own_view_only():
-    c, b, n, g = 3, 2, 2, 2
-    matches = torch.randint(0, 4, (c, b, n, g))
-    index, valid = matched_target_index(matches, torch.tensor([0, 8]), torch.tensor([4, 4]), first_crop=0, n_global=g)
+def test_target_index_drops_own_view_only():
+    c, b, n, g, n_t = 3, 2, 2, 2, 4
+    matches = torch.randint(0, n_t, (c, b, n, g))
+    index, valid = target_index(matches, 0, b, n_t)
     assert index.shape == valid.shape == (c * b * n, g)
     v = valid.view(c, b, n, g)
     for crop in range(c):
         for teacher in range(g):
             assert bool((v[crop, ..., teacher] == float(crop != teacher)).all())
     i = index.view(c, b, n, g)
-    assert int(i[2, 1, 0, 1]) == 8 + 1 * 4 + int(matches[2, 1, 0, 1])
+    assert int(i[2, 1, 0, 1]) == (1 * b + 1) * n_t + int(matches[2, 1, 0, 1])
 
 
 def test_fused_function_errors_name_the_argument():
     z, protos, tp, index, valid, w, lp = _inputs()
-    with pytest.raises(ValueError, match="prototypes must be"):
+    with pytest.raises(ValueError, match=r"prototypes \[K, d\]"):
         fused_prototype_cross_entropy(z, protos[:, :4], tp, index, valid, 0.1)
     with pytest.raises(ValueError, match="go together"):
         fused_prototype_cross_entropy(z, protos, tp, index, valid, 0.1, weights=w)
@@ -132,14 +133,14 @@ def test_cmd_loss_fused_equals_plain_loss_values_and_gradients(chunk):
     for name, head in (("plain", plain_head), ("fused", fused_head)):
         loss_fn = CMDLoss.from_preset("cmd", out_dim=k, n_local_crops=3, fused_chunk_size=chunk if name == "fused" else None)
         student = [head(t, pooled=t.mean(1)) for t in student_tokens]
-        protos = head.region_head.prototypes if name == "fused" else None
-        out = loss_fn(student, teacher, epoch=3, prototypes=protos)
+        assert (student[0].prototypes is not None) == (name == "fused")
+        out = loss_fn(student, teacher, epoch=3)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
-        results[name] = (out, grads, loss_fn.region_center.clone())
+        results[name] = (out, grads, loss_fn.region_center.value.clone())
     (p_out, p_grads, p_center), (f_out, f_grads, f_center) = results["plain"], results["fused"]
     torch.testing.assert_close(f_out.loss, p_out.loss, rtol=1e-5, atol=1e-6)
-    for term in ("image", "region", "inter_student", "inter_teacher"):
+    for term in ("image", "region", "inter_student", "inter_teacher", "teacher_entropy", "teacher_region_entropy"):
         torch.testing.assert_close(f_out.terms[term], p_out.terms[term], rtol=1e-5, atol=1e-6, msg=term)
     assert set(f_grads) == set(p_grads) and any("pooling" in n for n in f_grads)
     for n in p_grads:
@@ -151,9 +152,9 @@ def test_embedding_head_output_reproduces_region_logits():
     head = CrossLevelHead(8, out_dim=12, hidden_dim=16, bottleneck_dim=4)
     tokens = torch.randn(2, 3, 8)
     logits = head(tokens, pooled=tokens.mean(1)).region
-    head.region_output = "embedding"
-    out = head(tokens, pooled=tokens.mean(1))
+    out = head(tokens, pooled=tokens.mean(1), outputs={"image", "region_embedding", "prototypes"})
     assert out.region is None and out.region_embedding.shape == (2, 3, 4) and out.num_tokens == 3
+    assert out.mil_weights is None and out.prototypes.shape == (12, 4)
     torch.testing.assert_close(out.region_embedding @ head.region_head.prototypes.T, logits, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="region_output"):
         CrossLevelHead(8, out_dim=12, region_output="probs")
@@ -161,14 +162,21 @@ def test_embedding_head_output_reproduces_region_logits():
 
 def test_cmd_loss_fused_errors():
     with pytest.raises(ValueError, match="cross_weight"):
-        CMDLoss(8, 2, 1, cross_weight=0.5, fused_chunk_size=4)
+        CMDLoss(8, n_global_crops=2, n_local_crops=1, cross_weight=0.5, fused_chunk_size=4)
     with pytest.raises(ValueError, match="fused_chunk_size"):
-        CMDLoss(8, 2, 1, fused_chunk_size=0)
-    loss_fn = CMDLoss(8, 2, 1, fused_chunk_size=4)
+        CMDLoss(8, n_global_crops=2, n_local_crops=1, fused_chunk_size=0)
+    loss_fn = CMDLoss(8, n_global_crops=2, n_local_crops=1, fused_chunk_size=4)
+    assert loss_fn.student_outputs == {"image", "tokens", "mil_weights", "region_embedding", "prototypes"}
     s = [CrossLevelOutput(torch.randn(3, 8), None, torch.randn(3, 2, 5), torch.full((3, 2), 0.5), torch.randn(3, 2, 4))]
     t = [CrossLevelOutput(torch.randn(2, 8), torch.randn(2, 2, 8), torch.randn(2, 2, 5), torch.full((2, 2), 0.5))]
-    with pytest.raises(ValueError, match="needs prototypes"):
+    with pytest.raises(ValueError, match=r"student\[0\]\.prototypes is None, but the fused region path"):
         loss_fn(s, t, epoch=0)
-    assert torch.isfinite(loss_fn(s, t, epoch=0, prototypes=torch.randn(8, 4)).loss)
-    with pytest.raises(ValueError, match="fused path only"):
-        CMDLoss(8, 2, 1)(s, t, epoch=0, prototypes=torch.randn(8, 4))
+    s[0].prototypes = torch.randn(8, 4)
+    assert torch.isfinite(loss_fn(s, t, epoch=0).loss)
+    s[0].prototypes = torch.randn(8, 3)
+    with pytest.raises(ValueError, match=r"student\[0\]\.prototypes must have shape \[8, 4\]"):
+        loss_fn(s, t, epoch=0)
+    s[0].prototypes = torch.full((8, 4), float("nan"))
+    validating = CMDLoss(8, n_global_crops=2, n_local_crops=1, fused_chunk_size=4, validate=True)
+    with pytest.raises(ValueError, match=r"student\[0\]\.prototypes holds 32 non-finite"):
+        validating(s, t, epoch=0)

@@ -1,0 +1,53 @@
+"""The programs behind the ``cmd-fgvc`` console command (also ``python -m cmd``).
+
+``cmd-fgvc pretrain [options]`` runs self-supervised CMD / EsViT / DINO pretraining
+(`cmd.cli.pretrain`); ``cmd-fgvc evaluate knn|linear|retrieval [options]`` evaluates a frozen
+backbone (`cmd.cli.evaluate`). ``cmd-fgvc COMMAND --help`` lists every option with its default.
+Under torchrun: ``torchrun --nproc_per_node 8 -m cmd pretrain ...``.
+
+Example:
+    >>> from cmd.cli import main
+    >>> main(["--help"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+_COMMANDS = {
+    "pretrain": "self-supervised pretraining (CMD, EsViT or DINO losses); writes checkpoints and a log",
+    "evaluate": "k-NN, linear probe or retrieval of a frozen backbone: evaluate knn|linear|retrieval",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: cmd-fgvc COMMAND [options]   (or: python -m cmd COMMAND ...)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in _COMMANDS.items()]
+    lines += ["", "cmd-fgvc COMMAND --help lists the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``cmd-fgvc COMMAND ...`` to the command's program; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from cmd._version import __version__
+
+        print(f"cmd-fgvc {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "pretrain":
+        from cmd.cli import pretrain
+
+        return pretrain.run(rest)
+    if command == "evaluate":
+        from cmd.cli import evaluate
+
+        return evaluate.run(rest)
+    print(f"cmd-fgvc: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2

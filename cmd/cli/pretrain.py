@@ -1,0 +1,590 @@
+"""Self-supervised CMD pretraining, built only from the public blocks of `cmd`.
+
+Run with no arguments for a CPU demonstration (synthetic fine-grained data, a tiny ViT, a few
+minutes on 2 cores); it prints the teacher's k-NN top-1 before and after training. The paper's
+setting (Swin-T, 2 x 224 + 8 x 96 crops, K = 65536, from EsViT's ImageNet checkpoint) is::
+
+    torchrun --nproc_per_node 8 -m cmd pretrain --arch swin_tiny --dataset cub \\
+        --data_path /data/CUB_200_2011 --output_dir out/cub_cmd --init esvit_swin_tiny.pth \\
+        --global_size 224 --local_size 96 --local_crops_number 8 --out_dim 65536 \\
+        --head_hidden_dim 2048 --head_bottleneck_dim 256 --warmup_epochs 10 \\
+        --batch_size_per_gpu 32 --epochs 100 --amp bf16 --loss cmd --mil_pooling gated_attention
+
+What one step does (the data flow of the library)::
+
+    images -> MultiCropAugmentation -> crops [G global, L local]
+    student = CMDNetwork(backbone, CrossLevelHead) on all crops, teacher (EMA copy) on the G globals
+    CMDLoss(student outputs, teacher outputs) -> loss; backward; clip; AdamW step; EMA update
+
+The run resumes automatically from ``output_dir/checkpoint.pth``; a resumed run continues exactly
+(augmentations are seeded per (seed, epoch, image), the data order per (seed, epoch)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+import cmd
+from cmd import distributed as dist
+
+# --------------------------------------------------------------------------------------- options
+
+
+# timm kwargs of the CPU-sized backbones used at crops <= 96 px when --backbone_kwargs is not given.
+# The narrow ResNet-18 (0.72 M parameters, a 4 x 4 token grid on a 64 px crop) learns the easy synthetic
+# data's part with labels in 120 steps (k-NN 14 -> 67 %); the tiny ViT does not (8.5 -> 10.5 %):
+# see docs/learning_regime.md.
+SMALL_CROP_BACKBONE_KWARGS: dict[str, dict] = {
+    "vit_tiny": {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3},
+    "resnet18": {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cmd-fgvc pretrain",
+        description="CMD self-supervised pretraining (defaults: a CPU demo on synthetic data).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", type=str, default=None, help="YAML or JSON file of these options")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="vit_tiny", help="backbone name (timm name or alias: swin_tiny, vit_small, ...)")
+    g.add_argument("--backbone_kwargs", type=json.loads, default=None,
+                   help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; default for vit_tiny '
+                        'at crops <= 96 px: SMALL_CROP_BACKBONE_KWARGS (vit_tiny: depth 4, width 96, patch 8; '
+                        'resnet18: channels 16-32-64-128, stem 16, output stride 16)')
+    g.add_argument("--init", type=str, default=None, help="DINO / EsViT / CMD / timm checkpoint to start from")
+    g.add_argument("--init_key", type=str, default="teacher", help="key of the backbone weights in --init")
+    g.add_argument("--init_partial", action="store_true",
+                   help="start from the part of --init that fits the backbone (default: it must fit exactly)")
+    g.add_argument("--out_dim", type=int, default=1024, help="K, prototypes of the heads (paper: 65536)")
+    g.add_argument("--head_hidden_dim", type=int, default=256, help="hidden width of the heads' MLP (paper: 2048)")
+    g.add_argument("--head_bottleneck_dim", type=int, default=64, help="bottleneck of the heads (paper: 256)")
+    g.add_argument("--norm_last_layer", type=_bool, default=True)
+    g.add_argument("--mil_pooling", default="gated_attention",
+                   choices=["mean", "sum", "max", "attention", "gated_attention"])
+    g.add_argument("--image_input", default="pooled", choices=["pooled", "mil"])
+    g.add_argument("--share_prototypes", type=_bool, default=False)
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="cmd", choices=["dino", "esvit", "cmd"])
+    g.add_argument("--image_weight", type=float, default=None)
+    g.add_argument("--region_weight", type=float, default=None)
+    g.add_argument("--inter_weight", type=float, default=None)
+    g.add_argument("--cross_weight", type=float, default=None)
+    g.add_argument("--teacher_temp", type=float, default=0.07)
+    g.add_argument("--warmup_teacher_temp", type=float, default=0.04)
+    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30)
+    g.add_argument("--student_temp", type=float, default=0.1)
+    g.add_argument("--center_momentum", type=float, default=0.9)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--batch_size_per_gpu", type=int, default=32)
+    g.add_argument("--lr", type=float, default=5e-4, help="base lr at total batch 256 (scaled linearly)")
+    g.add_argument("--min_lr", type=float, default=1e-6)
+    g.add_argument("--warmup_epochs", type=int, default=2)
+    g.add_argument("--weight_decay", type=float, default=0.04)
+    g.add_argument("--weight_decay_end", type=float, default=0.4)
+    g.add_argument("--momentum_teacher", type=float, default=0.996)
+    g.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter clipping norm; 0 disables")
+    g.add_argument("--freeze_last_layer", type=int, default=1)
+    g.add_argument("--amp", default="off", choices=["bf16", "fp16", "off", "auto"])
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "cub", "cars", "aircraft", "imagefolder"])
+    g.add_argument("--data_path", type=str, default=None)
+    g.add_argument("--synthetic_classes", type=int, default=10)
+    g.add_argument("--synthetic_per_class", type=int, default=40)
+    g.add_argument("--synthetic_image_size", type=int, default=64)
+    g.add_argument("--synthetic_difficulty", default="hard", choices=["hard", "easy"],
+                   help="SyntheticFineGrained preset: easy (a large part; learnable in CPU minutes) or hard "
+                        "(the method's benchmark: a 12 px part in 64 px)")
+    g.add_argument("--synthetic_class_hue", type=float, default=None,
+                   help="class-correlated object hue in [0, 1] (0: none; default: the difficulty's)")
+    g.add_argument("--global_size", type=int, default=64, help="global crop size (paper: 224)")
+    g.add_argument("--local_size", type=int, default=32, help="local crop size (paper: 96)")
+    g.add_argument("--local_crops_number", type=int, default=4, help="paper: 8")
+    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0))
+    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4))
+    g.add_argument("--eval_size", type=int, default=None, help="k-NN evaluation image size (default: global_size)")
+    g.add_argument("--num_workers", type=int, default=2,
+                   help="data-loading processes (each augments with one thread; 0 augments in the main process)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", type=str, default="outputs/pretrain_demo")
+    g.add_argument("--saveckp_freq", type=int, default=0, help="also keep checkpoint{epoch:04}.pth every N epochs")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    g.add_argument("--knn_every", type=int, default=0, help="k-NN of the teacher every N epochs (0: start/end only)")
+    g.add_argument("--knn_k", type=int, default=20)
+    g.add_argument("--no_knn", action="store_true", help="skip the k-NN before and after training")
+    g.add_argument("--log_every", type=int, default=10, help="read the loss on the host every N steps")
+    g.add_argument("--max_steps", type=int, default=0,
+                   help="stop this run after N steps (saving a checkpoint), as an interruption would; 0: off")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbones and heads")
+    g.add_argument("--fused_region_chunk", type=int, default=0,
+                   help="fuse the region prototype layer with the loss in chunks of N crops-of-images "
+                        "(never materialises [tokens, K] student logits; saves memory); 0: off")
+    g.add_argument("--viz", action="store_true", help="save training curves and region-weight overlays at the end")
+    g.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``--config FILE`` supplies defaults that the command line overrides."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        text = Path(pre.config).read_text()
+        if pre.config.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    if args.backbone_kwargs is None:
+        args.backbone_kwargs = dict(SMALL_CROP_BACKBONE_KWARGS.get(args.arch, {})) if args.global_size <= 96 else {}
+    return args
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class SeededMultiCrop(Dataset):
+    """Applies the multi-crop augmentation with a generator seeded by (seed, epoch, index).
+
+    The augmentation of an image then depends neither on the worker that loads it nor on what
+    was loaded before, so a run resumed from a checkpoint (even mid-epoch) sees exactly the crops
+    the uninterrupted run would have seen. Keys are ``(epoch, index)`` pairs (from
+    `EpochIndexSampler`), so persistent data-loading workers need no per-epoch state.
+    """
+
+    def __init__(self, dataset: Dataset, transform, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        item = self.dataset[index]
+        image, label = item[0], item[1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            crops = self.transform(image)
+        return crops, label
+
+
+class EpochIndexSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` from a `DistributedSampler`, optionally skipping the first indices.
+
+    ``set_epoch(epoch, skip)`` reshuffles (the order depends only on the seed and the epoch) and
+    skips the ``skip`` indices a resumed run has already trained on in that epoch.
+    """
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        for i, index in enumerate(self.sampler):
+            if i >= self.skip:
+                yield self.epoch, index
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+
+def build_data(args, split: str, transform):
+    if args.dataset == "synthetic":
+        return cmd.SyntheticFineGrained(
+            n_classes=args.synthetic_classes,
+            n_per_class=args.synthetic_per_class,
+            image_size=args.synthetic_image_size,
+            split=split,
+            seed=args.seed,
+            transform=transform,
+            difficulty=args.synthetic_difficulty,
+            class_hue=args.synthetic_class_hue,
+        )
+    if args.data_path is None:
+        raise SystemExit(f"--data_path is required for --dataset {args.dataset}")
+    return cmd.build_dataset(args.dataset, args.data_path, split, transform)
+
+
+# -------------------------------------------------------------------------------------- network
+
+
+def build_network(
+    args: argparse.Namespace, *, verbose: bool = False, outputs: frozenset[str] | None = None
+) -> cmd.CMDNetwork:
+    """The student: a backbone (optionally initialised from --init) and a cross-level head.
+
+    ``outputs`` (the loss's ``student_outputs``): build only the head parts the loss consumes, so
+    that every parameter gets a gradient (DDP without find_unused_parameters).
+    """
+    mil = outputs is None or "mil_weights" in outputs or args.image_input == "mil"
+    regions = outputs is None or bool({"region", "region_embedding"} & outputs)
+    # --init goes through create_backbone: EsViT/CMD and DINO checkpoints get their reference numerics
+    init = {"checkpoint": args.init, "checkpoint_key": args.init_key, "strict": not args.init_partial}
+    try:
+        backbone = cmd.create_backbone(args.arch, pretrained=False, **(init if args.init else {}),
+                                       **args.backbone_kwargs)
+    except ValueError as err:
+        if not args.init:
+            raise
+        raise SystemExit(f"--init {args.init}: {err}\n(--init_partial starts from the part that fits)") from err
+    report = backbone.load_report
+    if report is not None and report.loaded == 0:
+        raise SystemExit(f"--init {args.init}: nothing loads into {args.arch}: {report.summary()}")
+    if report is not None and verbose:
+        print(f"initialised from {args.init} [{args.init_key}]: {report.summary()}")
+    head = cmd.CrossLevelHead(
+        backbone.embed_dim,
+        out_dim=args.out_dim,
+        hidden_dim=args.head_hidden_dim,
+        bottleneck_dim=args.head_bottleneck_dim,
+        pooling=args.mil_pooling if mil else None,
+        image_input=args.image_input,
+        norm_last_layer=args.norm_last_layer,
+        share_prototypes=args.share_prototypes,
+        region_head=args.loss != "dino" and regions,
+        region_output="embedding" if args.fused_region_chunk else "logits",
+    )
+    return cmd.CMDNetwork(backbone, head)
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def knn_top1(backbone: nn.Module, args, device, k: int) -> float:
+    """k-NN top-1 (%) of a backbone's pooled features: train split as memory, test split as queries."""
+    transform = cmd.eval_transform(args.eval_size or args.global_size)
+    loaders = []
+    for split in ("train", "test"):
+        data = build_data(args, split, transform)
+        sampler = DistributedSampler(data, shuffle=False) if dist.is_dist() else None
+        loaders.append(DataLoader(data, batch_size=64, sampler=sampler, num_workers=args.num_workers))
+    progress = not args.no_progress
+    train_f, train_y = cmd.extract_features(backbone, loaders[0], device=device, progress=progress)
+    test_f, test_y = cmd.extract_features(backbone, loaders[1], device=device, progress=progress)
+    knn = cmd.KNNClassifier(k=(k,), temperature=0.07, backend="torch")
+    knn.fit(train_f, train_y)
+    metrics = knn.evaluate(test_f, test_y)
+    return float(metrics[k]["top1"])  # a k above the training-set size is clamped (with a warning)
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    dist.init_distributed_from_env()
+    rank, world = dist.rank(), dist.world_size()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and dist.is_dist():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    out_dir = Path(args.output_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    progress = not args.no_progress and rank == 0
+
+    # ---- data
+    augmentation = cmd.MultiCropAugmentation(
+        global_size=args.global_size,
+        local_size=args.local_size,
+        n_global=2,
+        n_local=args.local_crops_number,
+        global_scale=tuple(args.global_crops_scale),
+        local_scale=tuple(args.local_crops_scale),
+    )
+    train_set = SeededMultiCrop(build_data(args, "train", None), augmentation, args.seed)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    epoch_sampler = EpochIndexSampler(sampler)
+    loader = DataLoader(
+        train_set,
+        sampler=epoch_sampler,
+        batch_size=args.batch_size_per_gpu,
+        num_workers=args.num_workers,
+        collate_fn=cmd.multicrop_collate,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.num_workers > 0,
+        prefetch_factor=4 if args.num_workers > 0 else None,
+    )
+    iters_per_epoch = len(sampler) // args.batch_size_per_gpu
+    if iters_per_epoch == 0:
+        raise SystemExit(
+            f"the training set ({len(train_set)} images over {world} processes) is smaller than one batch "
+            f"of {args.batch_size_per_gpu}: lower --batch_size_per_gpu"
+        )
+    total_steps = args.epochs * iters_per_epoch
+
+    # ---- loss (first: it says which outputs the networks must give)
+    overrides = {
+        k: v
+        for k, v in dict(
+            image_weight=args.image_weight,
+            region_weight=args.region_weight,
+            inter_weight=args.inter_weight,
+            cross_weight=args.cross_weight,
+        ).items()
+        if v is not None
+    }
+    criterion = cmd.CMDLoss.from_preset(
+        args.loss,
+        out_dim=args.out_dim,
+        n_global_crops=2,
+        n_local_crops=args.local_crops_number,
+        warmup_teacher_temp=args.warmup_teacher_temp,
+        teacher_temp=args.teacher_temp,
+        warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
+        student_temp=args.student_temp,
+        center_momentum=args.center_momentum,
+        fused_chunk_size=args.fused_region_chunk or None,
+        **overrides,
+    ).to(device)
+    # ---- networks
+    student = build_network(args, verbose=rank == 0, outputs=criterion.student_outputs).to(device)
+    ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps)
+    teacher = ema.teacher
+    student_ddp: nn.Module = student
+    if dist.is_dist():
+        student_ddp = nn.parallel.DistributedDataParallel(
+            student,
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )
+    torch.manual_seed(args.seed + rank)  # per-process randomness from here on
+    student_fwd, teacher_fwd = student_ddp, teacher
+    if args.compile:
+        student_fwd, teacher_fwd = torch.compile(student_ddp), torch.compile(teacher)
+
+    # ---- optimiser, schedules
+    try:  # the fused AdamW kernel (CUDA; CPU since torch 2.4) is several times faster than the loop
+        optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay))
+    lr_schedule = cmd.cosine_schedule(
+        cmd.scale_lr(args.lr, args.batch_size_per_gpu * world), args.min_lr, args.epochs, iters_per_epoch,
+        warmup_epochs=min(args.warmup_epochs, args.epochs),
+    )
+    wd_schedule = cmd.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
+    precision = cmd.mixed_precision(device, args.amp)
+
+    # ---- resume
+    start_epoch, step = 0, 0
+    ckpt_path = out_dir / "checkpoint.pth"
+    history: dict = {}
+    if ckpt_path.exists():
+        meta = cmd.restore_checkpoint(
+            ckpt_path, student=student, teacher=teacher, optimizer=optimizer, loss=criterion,
+            scaler=precision.scaler, ema=ema,
+        )
+        start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        history = meta.get("history", {}) or {}
+        if rank == 0:
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+
+    knn_history = history.setdefault("knn", {})
+    if not args.no_knn and "before" not in knn_history:
+        knn_history["before"] = knn_top1(teacher.backbone, args, device, args.knn_k)
+        if rank == 0:
+            print(f"teacher k-NN top-1 before training: {knn_history['before']:.2f} %")
+
+    # ---- signals: save and exit at the end of the current step
+    stop = {"signal": None}
+
+    def _on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def save(epoch: int, step: int, path: Path) -> None:
+        if rank != 0:
+            return
+        cmd.save_checkpoint(
+            path, student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
+            loss=criterion.state_dict(), scaler=precision.scaler.state_dict() if precision.scaler else None,
+            ema=ema.state_dict(), epoch=epoch, step=step, args=_jsonable(vars(args)), history=history,
+            backbone_numerics=student.backbone.numerics,
+        )
+
+    steps_this_run = 0
+
+    def should_stop() -> bool:
+        """A signal arrived, or this run has done its --max_steps."""
+        return stop["signal"] is not None or bool(args.max_steps and steps_this_run >= args.max_steps)
+
+    summary = {}
+    active = list(criterion.active_terms)
+    logged_terms = ["loss", *active, "inter_teacher", "teacher_entropy", "teacher_batch_entropy",
+                    "teacher_region_entropy", "teacher_student_kl"]
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            done_in_epoch = step - epoch * iters_per_epoch
+            epoch_sampler.set_epoch(epoch, skip=done_in_epoch * args.batch_size_per_gpu)
+            student.train()
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sums: dict[str, torch.Tensor] = {}
+            n_logged = 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False)
+            for crops, _labels in bar:
+                cmd.set_schedules(optimizer, lr=float(lr_schedule[step]), weight_decay=float(wd_schedule[step]))
+                crops = [c.to(device, non_blocking=True) for c in crops]
+                with precision.autocast():
+                    with torch.no_grad():
+                        teacher_out = teacher_fwd(crops[:2], outputs=criterion.teacher_outputs)
+                    student_out = student_fwd(crops, outputs=criterion.student_outputs)
+                    out = criterion(student_out, teacher_out, epoch)
+                optimizer.zero_grad(set_to_none=True)
+                precision.backward(out.loss)
+                if args.clip_grad > 0:
+                    precision.unscale_(optimizer)
+                    cmd.clip_gradients(student, args.clip_grad)
+                cmd.cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
+                precision.step(optimizer)
+                ema.update(student)
+                step += 1
+                steps_this_run += 1
+                values = {"loss": out.loss.detach(), **out.terms}
+                for name in logged_terms:
+                    if name in values:
+                        sums[name] = sums.get(name, 0) + values[name].float()
+                n_logged += 1
+                if step % args.log_every == 0 or step == total_steps:
+                    _check_finite(out, step, active)
+                    if progress:
+                        bar.set_postfix(loss=f"{float(out.loss):.4f}")
+                if should_stop():
+                    break
+            _check_finite(out, step, active)
+            # global means over all processes (one collective per epoch)
+            names = list(sums)
+            totals = dist.all_reduce_sum(torch.stack([sums[k] for k in names]).to(device))
+            count = dist.all_reduce_sum(torch.tensor([float(n_logged)], device=device))
+            sums = dict(zip(names, (totals / count.clamp_min(1)).cpu().unbind()))
+            interrupted = should_stop()
+            epoch_done = step == (epoch + 1) * iters_per_epoch
+            elapsed = time.perf_counter() - t0
+            record = {
+                "epoch": epoch + 1 if epoch_done else step / iters_per_epoch,  # fractional when interrupted
+                "step": step,
+                # terms a preset does not compute are NaN: left out of the log (strict JSON)
+                **{k: float(v) for k, v in sums.items() if k in active or k == "loss" or bool(torch.isfinite(v))},
+                "lr": float(lr_schedule[step - 1]),
+                "weight_decay": float(wd_schedule[step - 1]),
+                "teacher_momentum": float(ema.momentum_at(step - 1)),
+                "teacher_temp": float(criterion.teacher_temperature(epoch)),
+                "images_per_s": n_logged * args.batch_size_per_gpu * world / max(elapsed, 1e-9),
+                "epoch_time_s": elapsed,
+                "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+            }
+            if epoch_done and args.knn_every and (epoch + 1) % args.knn_every == 0 and not args.no_knn:
+                record["knn_top1"] = knn_top1(teacher.backbone, args, device, args.knn_k)
+            if rank == 0:
+                with open(out_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if progress or args.no_progress:
+                    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}))
+            save(epoch + 1 if epoch_done else epoch, step, ckpt_path)
+            if epoch_done and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                save(epoch + 1, step, out_dir / f"checkpoint{epoch + 1:04d}.pth")
+            summary = record
+            if interrupted:
+                if rank == 0:
+                    why = f"signal {stop['signal']}" if stop["signal"] is not None else f"--max_steps {args.max_steps}"
+                    print(f"stopped at step {step} ({why}); checkpoint saved to {ckpt_path}")
+                return {"interrupted": True, "step": step, **summary}
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    if not args.no_knn:
+        knn_history["after"] = knn_top1(teacher.backbone, args, device, args.knn_k)
+        save(args.epochs, step, ckpt_path)
+        if rank == 0:
+            print(f"teacher k-NN top-1 before training: {knn_history.get('before', float('nan')):.2f} %, "
+                  f"after: {knn_history['after']:.2f} %")
+    if args.viz and rank == 0:
+        _save_visualisations(args, teacher, device, out_dir)
+    return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary}
+
+
+def _check_finite(out, step: int, active: list[str]) -> None:
+    """Raise with the step and the non-finite term(s) (one host synchronisation)."""
+    values = {"loss": out.loss.detach(), **{k: out.terms[k] for k in active if k in out.terms}}
+    finite = torch.stack([torch.isfinite(v.float()).all() for v in values.values()])
+    if not bool(finite.all()):
+        bad = [name for name, ok in zip(values, finite.tolist()) if not ok and name != "loss"] or ["loss"]
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: term(s) {', '.join(bad)} are NaN/inf; training stopped and "
+            "the last good checkpoint was kept (lower the lr, check the inputs, or try --amp off)"
+        )
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+
+
+def _save_visualisations(args, teacher, device, out_dir: Path) -> None:
+    from cmd import viz
+
+    viz.plot_training_log(out_dir / "log.jsonl", out_dir / "training_curves.png")
+    data = build_data(args, "test", cmd.eval_transform(args.eval_size or args.global_size))
+    images = torch.stack([data[i][0] for i in range(min(8, len(data)))])
+    if teacher.head.pooling is None:  # the loss consumes no MIL weights: the head has no pooling
+        print(f"saved {out_dir / 'training_curves.png'}")
+        return
+    viz.save_attention_grid(teacher, images.to(device), out_dir / "region_weights.png")
+    print(f"saved {out_dir / 'training_curves.png'} and {out_dir / 'region_weights.png'}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``cmd-fgvc pretrain`` command: run `main`, return the process exit status."""
+    try:
+        main(argv)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_dist():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
