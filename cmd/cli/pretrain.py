@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 import cmd
 from cmd import distributed as dist
+from cmd.checkpoint import CheckpointError
 from cmd.cli.loggers import StepLoggers, build_step_loggers, parse_logger_names
 from cmd.cli.output_lock import OutputLock, OutputLockedError
 from cmd.cli.run_state import (
@@ -475,7 +476,8 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     knn_history = history.setdefault("knn", {})
     if rank == 0:
         append_args_history(out_dir / "args.json", current, resumed_at=resumed_at)
-        write_jsonl_atomic(log_path, history["epochs"])  # drop rows no checkpoint holds
+        if history["epochs"] or log_path.exists():
+            write_jsonl_atomic(log_path, history["epochs"])  # drop rows no checkpoint holds
 
     if start_epoch >= args.epochs and not epoch_step:
         if rank == 0:
@@ -662,7 +664,7 @@ def run(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (OSError, cmd.CheckpointError) as err:  # a full disk (ENOSPC) during a save, an unreadable checkpoint
+    except (OSError, CheckpointError) as err:  # a full disk (ENOSPC) during a save, an unreadable checkpoint
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
