@@ -17,7 +17,11 @@ What one step does (the data flow of the library)::
     CMDLoss(student outputs, teacher outputs) -> loss; backward; clip; AdamW step; EMA update
 
 The run resumes automatically from ``output_dir/checkpoint.pth``; a resumed run continues exactly
-(augmentations are seeded per (seed, epoch, image), the data order per (seed, epoch)).
+(augmentations are seeded per (seed, epoch, image), the data order per (seed, epoch)), with every
+schedule recomputed from the current options (a larger ``--epochs`` extends a finished run).
+``log.jsonl`` (one row per completed epoch) is written only after the checkpoint that holds its
+epoch; per-step scalars go to ``steps.csv`` / TensorBoard (``--logger``); ``args.json`` lists every
+start. The bookkeeping lives in `cmd.cli.run_state`, `cmd.cli.loggers` and `cmd.cli.output_lock`.
 """
 
 from __future__ import annotations
@@ -548,7 +552,8 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                 cmd.cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
                 values = stats.add({"loss": out.loss.detach(), **out.terms})
                 step += 1
-                found_inf = guard.check_step(step, values[:guarded], norms)
+                # under fp16 overflowing gradients are expected (GradScaler skips those steps): loss and terms only
+                found_inf = guard.check_step(step, values[:guarded], None if precision.scaler.is_enabled() else norms)
                 if skip_on_device:
                     optimizer.found_inf = found_inf
                 elif not precision.scaler.is_enabled() and bool(found_inf):  # non-fused optimiser: a host sync

@@ -225,8 +225,8 @@ def resume_plan(meta: Mapping[str, Any], current: Mapping[str, Any], iters_per_e
     saved = dict(meta.get("args") or {})
     saved.setdefault("world_size", meta.get("world_size", 1))
     epoch, step = int(meta["epoch"]), int(meta["step"])
-    saved_ipe = int(meta.get("iters_per_epoch") or 0)
-    epoch_step = int(meta["epoch_step"]) if "epoch_step" in meta else (step - epoch * saved_ipe if saved_ipe else 0)
+    saved_ipe = int(meta.get("iters_per_epoch") or iters_per_epoch)  # older checkpoints: as this run's
+    epoch_step = int(meta["epoch_step"]) if "epoch_step" in meta else step - epoch * saved_ipe
 
     def changed(keys: Sequence[str]) -> list[str]:
         return [f"{_flag(k, saved[k])} -> {_flag(k, current.get(k))}" for k in keys
@@ -239,7 +239,7 @@ def resume_plan(meta: Mapping[str, Any], current: Mapping[str, Any], iters_per_e
     order = changed(ORDER_KEYS)
     if epoch_step and order:
         raise SystemExit(
-            f"{path} stopped in the middle of epoch {epoch + 1} (step {epoch_step} of {saved_ipe or '?'}) and these "
+            f"{path} stopped in the middle of epoch {epoch + 1} (step {epoch_step} of {saved_ipe}) and these "
             f"options changed: {'; '.join(order)}. The rest of that epoch depends on them: resume with the "
             "checkpoint's values (then change them at the next start, from an epoch boundary)"
         )

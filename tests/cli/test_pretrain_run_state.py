@@ -74,6 +74,15 @@ def test_resume_mid_epoch_with_other_batch_size_stops_naming_it(tmp_path):
     assert (tmp_path / "args.json").read_text() == args_before
 
 
+def test_batch_size_change_at_an_epoch_boundary_continues_from_the_right_position(tmp_path, capsys):
+    common = [*SMALL, "--no_knn", "--output_dir", str(tmp_path)]
+    pretrain.main([*common, "--epochs", "1"])
+    result = pretrain.main([*common, "--epochs", "2", "--batch_size_per_gpu", "4"])  # 8 steps per epoch now
+    assert result["step"] == 1 * 8 + 8 and result["epoch"] == 2
+    assert "--batch_size_per_gpu 8 -> --batch_size_per_gpu 4" in capsys.readouterr().out
+    assert [r["epoch"] for r in _log(tmp_path)] == [1, 2]
+
+
 def test_epochs_below_checkpoint_stops_and_equal_does_nothing(tmp_path, capsys):
     common = [*SMALL, "--no_knn", "--output_dir", str(tmp_path)]
     pretrain.main([*common, "--epochs", "2"])
