@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 import cmd
 from cmd import distributed as dist
-from cmd.checkpoint import CheckpointError
+from cmd.checkpoint import CheckpointError, read_checkpoint
 from cmd.cli.loggers import StepLoggers, build_step_loggers, parse_logger_names
 from cmd.cli.output_lock import OutputLock, OutputLockedError
 from cmd.cli.run_state import (
@@ -50,6 +50,7 @@ from cmd.cli.run_state import (
     FiniteGuard,
     NonFiniteLossError,
     append_args_history,
+    check_model_options,
     format_epoch_line,
     ignore_termination_signals,
     resume_plan,
@@ -458,10 +459,14 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     history: dict = {}
     resumed_at = None
     if ckpt_path.exists():
-        meta = cmd.restore_checkpoint(
-            ckpt_path, student=student, teacher=teacher, optimizer=optimizer, loss=criterion,
-            scaler=precision.scaler, ema=ema,
-        )
+        try:
+            meta = cmd.restore_checkpoint(
+                ckpt_path, student=student, teacher=teacher, optimizer=optimizer, loss=criterion,
+                scaler=precision.scaler, ema=ema,
+            )
+        except CheckpointError:  # name the model options that changed, when they are the reason
+            check_model_options(read_checkpoint(ckpt_path).get("args") or {}, current, ckpt_path)
+            raise
         plan = resume_plan(meta, current, iters_per_epoch, ckpt_path)
         start_epoch, epoch_step, step = plan.epoch, plan.epoch_step, plan.step
         history = meta.get("history", {}) or {}

@@ -29,6 +29,7 @@ __all__ = [
     "NonFiniteLossError",
     "ResumePlan",
     "append_args_history",
+    "check_model_options",
     "format_epoch_line",
     "ignore_termination_signals",
     "resume_plan",
@@ -200,6 +201,15 @@ SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "wei
                  "world_size")
 
 
+def check_model_options(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
+    """SystemExit naming each model option (`MODEL_KEYS`) whose value differs from the checkpoint's run."""
+    model = [f"{_flag(k, saved[k])} -> {_flag(k, current.get(k))}" for k in MODEL_KEYS
+             if k in saved and saved[k] != current.get(k)]
+    if model:
+        raise SystemExit(f"{path} was trained with other model options: {'; '.join(model)}. Resume with the "
+                         "checkpoint's options, or start a new run in another --output_dir")
+
+
 class ResumePlan:
     """Where a resumed run continues: ``epoch``, ``epoch_step`` (steps done in it), global ``step``; ``notes``."""
 
@@ -232,10 +242,7 @@ def resume_plan(meta: Mapping[str, Any], current: Mapping[str, Any], iters_per_e
         return [f"{_flag(k, saved[k])} -> {_flag(k, current.get(k))}" for k in keys
                 if k in saved and saved[k] != current.get(k)]
 
-    model = changed(MODEL_KEYS)
-    if model:
-        raise SystemExit(f"{path} was trained with other model options: {'; '.join(model)}. Resume with the "
-                         "checkpoint's options, or start a new run in another --output_dir")
+    check_model_options(saved, current, path)
     order = changed(ORDER_KEYS)
     if epoch_step and order:
         raise SystemExit(

@@ -83,6 +83,13 @@ def test_batch_size_change_at_an_epoch_boundary_continues_from_the_right_positio
     assert [r["epoch"] for r in _log(tmp_path)] == [1, 2]
 
 
+def test_resume_with_other_model_options_names_them(tmp_path):
+    common = [*SMALL, "--epochs", "2", "--no_knn", "--output_dir", str(tmp_path)]
+    pretrain.main([*common, "--max_steps", "4"])
+    with pytest.raises(SystemExit, match=r"other model options: --out_dim 64 -> --out_dim 32"):
+        pretrain.main([*common, "--out_dim", "32"])
+
+
 def test_epochs_below_checkpoint_stops_and_equal_does_nothing(tmp_path, capsys):
     common = [*SMALL, "--no_knn", "--output_dir", str(tmp_path)]
     pretrain.main([*common, "--epochs", "2"])
