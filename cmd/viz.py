@@ -107,7 +107,8 @@ def plot_training_log(log_path: str | Path, path: str | Path | None = None) -> A
     """Plot every loss term, k-NN accuracy and teacher entropy of a ``log.jsonl`` over epochs.
 
     Args:
-        log_path: the ``log.jsonl`` written by ``examples/pretrain.py`` (one JSON object per epoch).
+        log_path: the ``log.jsonl`` written by ``cmd-fgvc pretrain`` (one JSON object per epoch;
+            ``knn_top1_before`` on the first row is drawn at epoch 0).
         path: where to save the figure (PNG/PDF); None returns the figure without saving.
 
     Returns:
@@ -118,7 +119,8 @@ def plot_training_log(log_path: str | Path, path: str | Path | None = None) -> A
         raise ValueError(f"{log_path} holds no records")
     plt = _pyplot()
     epochs = [r.get("epoch", i + 1) for i, r in enumerate(records)]
-    loss_keys = [k for k in ("loss", "image", "region", "inter_student", "inter_teacher", "cross") if k in records[0]]
+    loss_keys = [k for k in ("loss", "image", "region", "inter_student", "inter_teacher", "cross")
+                 if any(k in r for r in records)]
     panels = [("loss terms", loss_keys), ("teacher entropy", ["teacher_entropy"]), ("k-NN top-1 (%)", ["knn_top1"])]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (title, keys) in zip(axes, panels):
@@ -126,6 +128,8 @@ def plot_training_log(log_path: str | Path, path: str | Path | None = None) -> A
         for key in keys:
             xs = [e for e, r in zip(epochs, records) if r.get(key) is not None]
             ys = [r[key] for r in records if r.get(key) is not None]
+            if records[0].get(f"{key}_before") is not None:  # measured before training: epoch 0
+                xs, ys = [0, *xs], [records[0][f"{key}_before"], *ys]
             if ys:
                 ax.plot(xs, ys, marker="o", markersize=3, label=key)
                 plotted = True
@@ -237,7 +241,8 @@ def plot_knn_over_epochs(log_path: str | Path, path: str | Path | None = None, *
     """k-NN accuracy over epochs from the rows of a ``log.jsonl`` that carry ``knn_top1``.
 
     Args:
-        log_path: one JSON object per line (per epoch), with ``epoch`` and, on some rows, ``key``.
+        log_path: one JSON object per line (per epoch), with ``epoch`` and, on some rows, ``key``; a
+            ``{key}_before`` on the first row (the value before training) is drawn at epoch 0.
         path: where to save the figure; None returns the figure without saving.
         key: the accuracy field (e.g. ``"knn_top1"``).
 
@@ -249,6 +254,8 @@ def plot_knn_over_epochs(log_path: str | Path, path: str | Path | None = None, *
     """
     records = _read_jsonl(log_path)
     points = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(records) if r.get(key) is not None]
+    if records and records[0].get(f"{key}_before") is not None:  # measured before training: epoch 0
+        points.insert(0, (0, records[0][f"{key}_before"]))
     if not points:
         raise ValueError(f"no row of {log_path} has {key!r} (was the k-NN monitor on?)")
     plt = _pyplot()

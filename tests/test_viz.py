@@ -138,6 +138,13 @@ def test_plot_knn_over_epochs(tmp_path):
     log.write_text(json.dumps({"epoch": 1, "loss": 3.0}))
     with pytest.raises(ValueError, match="knn_top1"):
         viz.plot_knn_over_epochs(log)
+    # cmd-fgvc pretrain's log: the value before training on the first row, drawn at epoch 0
+    rows = [{"epoch": 1, "loss": 3.0, "knn_top1_before": 5.0}, {"epoch": 2, "loss": 2.0, "knn_top1": 20.0}]
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    xs, ys = viz.plot_knn_over_epochs(log).axes[0].lines[0].get_data()
+    assert list(xs) == [0, 2] and list(ys) == [5.0, 20.0]
+    xs, ys = viz.plot_training_log(log).axes[2].lines[0].get_data()
+    assert list(xs) == [0, 2] and list(ys) == [5.0, 20.0]
 
 
 def test_sample_across_classes():

@@ -17,13 +17,18 @@ What one step does (the data flow of the library)::
     CMDLoss(student outputs, teacher outputs) -> loss; backward; clip; AdamW step; EMA update
 
 The run resumes automatically from ``output_dir/checkpoint.pth``; a resumed run continues exactly
-(augmentations are seeded per (seed, epoch, image), the data order per (seed, epoch)).
+(augmentations are seeded per (seed, epoch, image), the data order per (seed, epoch)), with every
+schedule recomputed from the current options (a larger ``--epochs`` extends a finished run).
+``log.jsonl`` (one row per completed epoch) is written only after the checkpoint that holds its
+epoch; per-step scalars go to ``steps.csv`` / TensorBoard (``--logger``); ``args.json`` lists every
+start. The bookkeeping lives in `cmd.cli.run_state`, `cmd.cli.loggers` and `cmd.cli.output_lock`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -37,6 +42,20 @@ from tqdm.auto import tqdm
 
 import cmd
 from cmd import distributed as dist
+from cmd.checkpoint import CheckpointError, read_checkpoint
+from cmd.cli.loggers import StepLoggers, build_step_loggers, parse_logger_names
+from cmd.cli.output_lock import OutputLock, OutputLockedError
+from cmd.cli.run_state import (
+    EpochStats,
+    FiniteGuard,
+    NonFiniteLossError,
+    append_args_history,
+    check_model_options,
+    format_epoch_line,
+    ignore_termination_signals,
+    resume_plan,
+    write_jsonl_atomic,
+)
 
 # --------------------------------------------------------------------------------------- options
 
@@ -135,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(never materialises [tokens, K] student logits; saves memory); 0: off")
     g.add_argument("--viz", action="store_true", help="save training curves and region-weight overlays at the end")
     g.add_argument("--no_progress", action="store_true")
+    g.add_argument("--logger", default="csv",
+                   help="per-step scalars (loss terms, schedules, teacher entropies, throughput) at the --log_every "
+                        "cadence: comma-separated csv (output_dir/steps.csv), tensorboard (output_dir/tensorboard; "
+                        "pip install 'cmd-fgvc[tracking]'), none")
     return p
 
 
@@ -290,10 +313,13 @@ def knn_top1(backbone: nn.Module, args, device, k: int) -> float:
     for split in ("train", "test"):
         data = build_data(args, split, transform)
         sampler = DistributedSampler(data, shuffle=False) if dist.is_dist() else None
-        loaders.append(DataLoader(data, batch_size=64, sampler=sampler, num_workers=args.num_workers))
+        loaders.append(DataLoader(data, batch_size=64, sampler=sampler, num_workers=args.num_workers,
+                                  worker_init_fn=ignore_termination_signals if args.num_workers else None))
     progress = not args.no_progress
-    train_f, train_y = cmd.extract_features(backbone, loaders[0], device=device, progress=progress)
-    test_f, test_y = cmd.extract_features(backbone, loaders[1], device=device, progress=progress)
+    train_f, train_y = cmd.extract_features(backbone, loaders[0], device=device, progress=progress,
+                                            desc="k-NN: features of the train split")
+    test_f, test_y = cmd.extract_features(backbone, loaders[1], device=device, progress=progress,
+                                          desc="k-NN: features of the test split")
     knn = cmd.KNNClassifier(k=(k,), temperature=0.07, backend="torch")
     knn.fit(train_f, train_y)
     metrics = knn.evaluate(test_f, test_y)
@@ -302,13 +328,33 @@ def knn_top1(backbone: nn.Module, args, device, k: int) -> float:
 
 # ------------------------------------------------------------------------------------- training
 
+# scalars summed over each epoch (log.jsonl) and logged per step (--logger); NaN ones are left out
+_EXTRA_TERMS = ("inter_teacher", "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy",
+                "teacher_student_kl")
 
-class NonFiniteLossError(RuntimeError):
-    pass
+
+def _validate_run_options(args: argparse.Namespace) -> None:
+    """Range checks of the options this program added for its bookkeeping (SystemExit naming them)."""
+    try:
+        parse_logger_names(args.logger)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def _check_data(args: argparse.Namespace) -> Dataset:
+    """The training set (and, with the k-NN monitor, the test split): fails before anything is written."""
+    try:
+        train = build_data(args, "train", None)
+        if not args.no_knn:
+            build_data(args, "test", None)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        raise SystemExit(f"error: --dataset {args.dataset} --data_path {args.data_path}: {err}") from err
+    return train
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    _validate_run_options(args)
     dist.init_distributed_from_env()
     rank, world = dist.rank(), dist.world_size()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -316,12 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.manual_seed(args.seed)  # the same initial weights on every process
     out_dir = Path(args.output_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     progress = not args.no_progress and rank == 0
 
-    # ---- data
+    # ---- data (checked before anything is written: a failed start leaves the output folder alone)
     augmentation = cmd.MultiCropAugmentation(
         global_size=args.global_size,
         local_size=args.local_size,
@@ -330,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         global_scale=tuple(args.global_crops_scale),
         local_scale=tuple(args.local_crops_scale),
     )
-    train_set = SeededMultiCrop(build_data(args, "train", None), augmentation, args.seed)
+    train_set = SeededMultiCrop(_check_data(args), augmentation, args.seed)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     epoch_sampler = EpochIndexSampler(sampler)
     loader = DataLoader(
@@ -343,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         pin_memory=device.type == "cuda",
         persistent_workers=args.num_workers > 0,
         prefetch_factor=4 if args.num_workers > 0 else None,
+        worker_init_fn=ignore_termination_signals if args.num_workers > 0 else None,
     )
     iters_per_epoch = len(sampler) // args.batch_size_per_gpu
     if iters_per_epoch == 0:
@@ -376,9 +420,11 @@ def main(argv: list[str] | None = None) -> dict:
         fused_chunk_size=args.fused_region_chunk or None,
         **overrides,
     ).to(device)
-    # ---- networks
+    # ---- networks. The teacher's update is not checked on the host each step: FiniteGuard skips a
+    # non-finite step on the device, so the student (and with it the teacher) stays finite.
     student = build_network(args, verbose=rank == 0, outputs=criterion.student_outputs).to(device)
-    ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps)
+    ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps,
+                         check_finite=False)
     teacher = ema.teacher
     student_ddp: nn.Module = student
     if dist.is_dist():
@@ -391,7 +437,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:
         student_fwd, teacher_fwd = torch.compile(student_ddp), torch.compile(teacher)
 
-    # ---- optimiser, schedules
+    # ---- optimiser, schedules (always from the current options, also on resume)
     try:  # the fused AdamW kernel (CUDA; CPU since torch 2.4) is several times faster than the loop
         optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay), fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -402,26 +448,74 @@ def main(argv: list[str] | None = None) -> dict:
     )
     wd_schedule = cmd.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
     precision = cmd.mixed_precision(device, args.amp)
+    # skip a non-finite step on the device (fused AdamW reads found_inf); fp16's GradScaler skips on its own
+    skip_on_device = bool(optimizer.defaults.get("fused")) and not precision.scaler.is_enabled()
 
-    # ---- resume
-    start_epoch, step = 0, 0
+    # ---- the output folder: locked, then the checkpoint read (resume) and this run recorded
+    lock = OutputLock(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except OutputLockedError as err:
+            raise SystemExit(f"error: {err}") from None
+    try:
+        return _train(**locals())
+    finally:
+        lock.release()
+
+
+def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sampler, loader, iters_per_epoch,
+           total_steps, criterion, student, ema, teacher, student_fwd, teacher_fwd, optimizer, lr_schedule,
+           wd_schedule, precision, skip_on_device, **_unused) -> dict:
+    """The resume, the epochs and the final evaluation of `main` (which holds the output folder's lock)."""
+    start_epoch, epoch_step, step = 0, 0, 0
     ckpt_path = out_dir / "checkpoint.pth"
+    log_path = out_dir / "log.jsonl"
+    current = {**_jsonable(vars(args)), "world_size": world}
     history: dict = {}
+    resumed_at = None
     if ckpt_path.exists():
-        meta = cmd.restore_checkpoint(
-            ckpt_path, student=student, teacher=teacher, optimizer=optimizer, loss=criterion,
-            scaler=precision.scaler, ema=ema,
-        )
-        start_epoch, step = int(meta["epoch"]), int(meta["step"])
+        try:
+            meta = cmd.restore_checkpoint(
+                ckpt_path, student=student, teacher=teacher, optimizer=optimizer, loss=criterion,
+                scaler=precision.scaler, ema=ema,
+            )
+        except CheckpointError:  # name the model options that changed, when they are the reason
+            check_model_options(read_checkpoint(ckpt_path).get("args") or {}, current, ckpt_path)
+            raise
+        plan = resume_plan(meta, current, iters_per_epoch, ckpt_path)
+        start_epoch, epoch_step, step = plan.epoch, plan.epoch_step, plan.step
         history = meta.get("history", {}) or {}
+        if "epochs" not in history and log_path.exists():  # a checkpoint of an older version
+            rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            history["epochs"] = [r for r in rows if isinstance(r.get("epoch"), int) and r["epoch"] <= start_epoch]
+        # every schedule follows the current options (an extended run gets its teacher momentum back)
+        ema.momentum, ema.final_momentum, ema.total_steps, ema.step = args.momentum_teacher, 1.0, total_steps, step
+        resumed_at = {"epoch": start_epoch, "step": step}
         if rank == 0:
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
-
+            where = f"epoch {start_epoch}" + (f" + {epoch_step} steps" if epoch_step else "")
+            print(f"resumed from {ckpt_path} at {where} (step {step})")
+            for note in plan.notes:
+                print(note)
+    history.setdefault("epochs", [])
     knn_history = history.setdefault("knn", {})
+    if rank == 0:
+        append_args_history(out_dir / "args.json", current, resumed_at=resumed_at)
+        if history["epochs"] or log_path.exists():
+            write_jsonl_atomic(log_path, history["epochs"])  # drop rows no checkpoint holds
+
+    if start_epoch >= args.epochs and not epoch_step:
+        if rank == 0:
+            print(f"{ckpt_path} has already trained {start_epoch} epochs (--epochs {args.epochs}): nothing to train")
+        summary = history["epochs"][-1] if history["epochs"] else {}
+        return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary}
+
     if not args.no_knn and "before" not in knn_history:
         knn_history["before"] = knn_top1(teacher.backbone, args, device, args.knn_k)
         if rank == 0:
             print(f"teacher k-NN top-1 before training: {knn_history['before']:.2f} %")
+    step_log = build_step_loggers(args.logger, out_dir, resume_step=step) if rank == 0 else StepLoggers([])
 
     # ---- signals: save and exit at the end of the current step
     stop = {"signal": None}
@@ -431,14 +525,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def save(epoch: int, step: int, path: Path) -> None:
+    def save(path: Path, **position) -> None:
         if rank != 0:
             return
         cmd.save_checkpoint(
             path, student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
             loss=criterion.state_dict(), scaler=precision.scaler.state_dict() if precision.scaler else None,
-            ema=ema.state_dict(), epoch=epoch, step=step, args=_jsonable(vars(args)), history=history,
-            backbone_numerics=student.backbone.numerics,
+            ema=ema.state_dict(), args=_jsonable(vars(args)), history=history,
+            backbone_numerics=student.backbone.numerics, iters_per_epoch=iters_per_epoch, world_size=world,
+            **position,
         )
 
     steps_this_run = 0
@@ -447,20 +542,22 @@ def main(argv: list[str] | None = None) -> dict:
         """A signal arrived, or this run has done its --max_steps."""
         return stop["signal"] is not None or bool(args.max_steps and steps_this_run >= args.max_steps)
 
-    summary = {}
     active = list(criterion.active_terms)
-    logged_terms = ["loss", *active, "inter_teacher", "teacher_entropy", "teacher_batch_entropy",
-                    "teacher_region_entropy", "teacher_student_kl"]
+    names = ["loss", *active, *_EXTRA_TERMS]
+    guarded = len(active) + 1  # the loss and the active terms must be finite (the others are NaN when unused)
+    guard = FiniteGuard(names[:guarded], device)
+    summary: dict = {}
     try:
         for epoch in range(start_epoch, args.epochs):
-            done_in_epoch = step - epoch * iters_per_epoch
-            epoch_sampler.set_epoch(epoch, skip=done_in_epoch * args.batch_size_per_gpu)
+            epoch_sampler.set_epoch(epoch, skip=epoch_step * args.batch_size_per_gpu)
             student.train()
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            sums: dict[str, torch.Tensor] = {}
-            n_logged = 0
+            stats = EpochStats(names, device)
+            if epoch_step:
+                stats.load_state_dict(history.get("partial"))
+            t_log, step_logged = time.perf_counter(), step
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False)
             for crops, _labels in bar:
                 cmd.set_schedules(optimizer, lr=float(lr_schedule[step]), weight_decay=float(wd_schedule[step]))
@@ -472,88 +569,102 @@ def main(argv: list[str] | None = None) -> dict:
                     out = criterion(student_out, teacher_out, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 precision.backward(out.loss)
-                if args.clip_grad > 0:
-                    precision.unscale_(optimizer)
-                    cmd.clip_gradients(student, args.clip_grad)
+                precision.unscale_(optimizer)
+                norms = cmd.clip_gradients(student, args.clip_grad if args.clip_grad > 0 else float("inf"))
                 cmd.cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
-                precision.step(optimizer)
-                ema.update(student)
+                values = stats.add({"loss": out.loss.detach(), **out.terms})
                 step += 1
+                # under fp16 overflowing gradients are expected (GradScaler skips those steps): loss and terms only
+                found_inf = guard.check_step(step, values[:guarded], None if precision.scaler.is_enabled() else norms)
+                if skip_on_device:
+                    optimizer.found_inf = found_inf
+                elif not precision.scaler.is_enabled() and bool(found_inf):  # non-fused optimiser: a host sync
+                    optimizer.zero_grad(set_to_none=True)
+                precision.step(optimizer)
+                if skip_on_device:
+                    del optimizer.found_inf
+                momentum = ema.update(student)
                 steps_this_run += 1
-                values = {"loss": out.loss.detach(), **out.terms}
-                for name in logged_terms:
-                    if name in values:
-                        sums[name] = sums.get(name, 0) + values[name].float()
-                n_logged += 1
-                if step % args.log_every == 0 or step == total_steps:
-                    _check_finite(out, step, active)
+                epoch_step += 1
+                if step % args.log_every == 0 or epoch_step == iters_per_epoch:
+                    guard.raise_if_bad()
+                    now = time.perf_counter()
+                    scalars = {n: v for n, v in zip(names, values.tolist()) if v == v}  # NaN: not computed
+                    scalars.update(lr=float(lr_schedule[step - 1]), weight_decay=float(wd_schedule[step - 1]),
+                                   teacher_momentum=momentum, teacher_temp=float(criterion.teacher_temperature(epoch)),
+                                   images_per_s=(step - step_logged) * args.batch_size_per_gpu * world
+                                   / max(now - t_log, 1e-9))
+                    t_log, step_logged = now, step
+                    step_log.log(step, scalars)
                     if progress:
-                        bar.set_postfix(loss=f"{float(out.loss):.4f}")
+                        bar.set_postfix(loss=f"{scalars['loss']:.4f}")
                 if should_stop():
                     break
-            _check_finite(out, step, active)
-            # global means over all processes (one collective per epoch)
-            names = list(sums)
-            totals = dist.all_reduce_sum(torch.stack([sums[k] for k in names]).to(device))
-            count = dist.all_reduce_sum(torch.tensor([float(n_logged)], device=device))
-            sums = dict(zip(names, (totals / count.clamp_min(1)).cpu().unbind()))
-            interrupted = should_stop()
-            epoch_done = step == (epoch + 1) * iters_per_epoch
+            guard.raise_if_bad()  # never save a checkpoint after a non-finite step
             elapsed = time.perf_counter() - t0
-            record = {
-                "epoch": epoch + 1 if epoch_done else step / iters_per_epoch,  # fractional when interrupted
-                "step": step,
-                # terms a preset does not compute are NaN: left out of the log (strict JSON)
-                **{k: float(v) for k, v in sums.items() if k in active or k == "loss" or bool(torch.isfinite(v))},
-                "lr": float(lr_schedule[step - 1]),
-                "weight_decay": float(wd_schedule[step - 1]),
-                "teacher_momentum": float(ema.momentum_at(step - 1)),
-                "teacher_temp": float(criterion.teacher_temperature(epoch)),
-                "images_per_s": n_logged * args.batch_size_per_gpu * world / max(elapsed, 1e-9),
-                "epoch_time_s": elapsed,
-                "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
-            }
-            if epoch_done and args.knn_every and (epoch + 1) % args.knn_every == 0 and not args.no_knn:
+            epoch_done = epoch_step == iters_per_epoch
+            if not epoch_done:  # interrupted: the epoch's sums so far go into the checkpoint
+                history["partial"] = stats.state_dict(dist.all_reduce_sum, elapsed)
+                save(ckpt_path, epoch=epoch, epoch_step=epoch_step, step=step)
+                if rank == 0:
+                    why = f"signal {stop['signal']}" if stop["signal"] is not None else f"--max_steps {args.max_steps}"
+                    print(f"stopped at step {step} ({why}); checkpoint saved to {ckpt_path}")
+                return {"interrupted": True, "step": step, **summary}
+            record = _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule, wd_schedule,
+                                   ema, criterion, active)
+            last = epoch + 1 == args.epochs
+            if not args.no_knn and ((args.knn_every and (epoch + 1) % args.knn_every == 0) or last):
                 record["knn_top1"] = knn_top1(teacher.backbone, args, device, args.knn_k)
-            if rank == 0:
-                with open(out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if progress or args.no_progress:
-                    print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}))
-            save(epoch + 1 if epoch_done else epoch, step, ckpt_path)
-            if epoch_done and args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save(epoch + 1, step, out_dir / f"checkpoint{epoch + 1:04d}.pth")
+                if last:
+                    knn_history["after"] = record["knn_top1"]
+            if "before" in knn_history and not history["epochs"]:
+                record["knn_top1_before"] = knn_history["before"]
+            history["epochs"].append(record)
+            history.pop("partial", None)
+            epoch_step = 0
+            save(ckpt_path, epoch=epoch + 1, epoch_step=0, step=step)
+            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                save(out_dir / f"checkpoint{epoch + 1:04d}.pth", epoch=epoch + 1, epoch_step=0, step=step)
+            if rank == 0:  # the log follows the checkpoint: written only once the epoch is saved
+                write_jsonl_atomic(log_path, history["epochs"])
+                print(format_epoch_line(record, args.epochs))
             summary = record
-            if interrupted:
+            if should_stop() and not last:
                 if rank == 0:
                     why = f"signal {stop['signal']}" if stop["signal"] is not None else f"--max_steps {args.max_steps}"
                     print(f"stopped at step {step} ({why}); checkpoint saved to {ckpt_path}")
                 return {"interrupted": True, "step": step, **summary}
     finally:
+        step_log.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
-    if not args.no_knn:
-        knn_history["after"] = knn_top1(teacher.backbone, args, device, args.knn_k)
-        save(args.epochs, step, ckpt_path)
-        if rank == 0:
-            print(f"teacher k-NN top-1 before training: {knn_history.get('before', float('nan')):.2f} %, "
-                  f"after: {knn_history['after']:.2f} %")
+    if not args.no_knn and rank == 0:
+        print(f"teacher k-NN top-1 before training: {knn_history.get('before', float('nan')):.2f} %, "
+              f"after: {knn_history['after']:.2f} %")
     if args.viz and rank == 0:
         _save_visualisations(args, teacher, device, out_dir)
     return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary}
 
 
-def _check_finite(out, step: int, active: list[str]) -> None:
-    """Raise with the step and the non-finite term(s) (one host synchronisation)."""
-    values = {"loss": out.loss.detach(), **{k: out.terms[k] for k in active if k in out.terms}}
-    finite = torch.stack([torch.isfinite(v.float()).all() for v in values.values()])
-    if not bool(finite.all()):
-        bad = [name for name, ok in zip(values, finite.tolist()) if not ok and name != "loss"] or ["loss"]
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: term(s) {', '.join(bad)} are NaN/inf; training stopped and "
-            "the last good checkpoint was kept (lower the lr, check the inputs, or try --amp off)"
-        )
+def _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule, wd_schedule, ema, criterion,
+                  active) -> dict:
+    """The epoch's row of log.jsonl: mean terms over the whole epoch, schedules at its last step, timings."""
+    means = stats.means(dist.all_reduce_sum)
+    elapsed += stats.saved_time
+    return {
+        "epoch": epoch + 1,
+        "step": step,
+        # terms a preset does not compute are NaN: left out of the log (strict JSON)
+        **{k: v for k, v in means.items() if k in active or k == "loss" or math.isfinite(v)},
+        "lr": float(lr_schedule[step - 1]),
+        "weight_decay": float(wd_schedule[step - 1]),
+        "teacher_momentum": float(ema.momentum_at(step - 1)),
+        "teacher_temp": float(criterion.teacher_temperature(epoch)),
+        "images_per_s": (stats.count + stats.saved_count) * args.batch_size_per_gpu * world / max(elapsed, 1e-9),
+        "epoch_time_s": elapsed,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+    }
 
 
 def _jsonable(values: dict) -> dict:
@@ -580,6 +691,9 @@ def run(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (OSError, CheckpointError) as err:  # a full disk (ENOSPC) during a save, an unreadable checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_dist():
             torch.distributed.destroy_process_group()

@@ -99,6 +99,7 @@ def extract_features(
     normalize: bool = True,
     progress: bool = True,
     forward: ForwardFn | None = None,
+    desc: str = "extract features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [N, D] and labels [N] of a whole dataset, from a frozen model.
 
@@ -127,6 +128,7 @@ def extract_features(
             False for linear probing.
         progress: tqdm progress bar (rank 0 only).
         forward: ``forward(model, images)`` choosing what to extract.
+        desc: the progress bar's label, e.g. ``"features of the test split"``.
 
     Returns:
         (features [N, D] float32, labels [N] int64), on the CPU, the same on every process.
@@ -156,7 +158,7 @@ def extract_features(
     features: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     try:
-        bar = tqdm(loader, desc="extract features", disable=not (progress and dist.is_main_process()), leave=False)
+        bar = tqdm(loader, desc=desc, disable=not (progress and dist.is_main_process()), leave=False)
         with torch.no_grad(), autocast:
             for step, batch in enumerate(bar):
                 images, targets = _split_batch(batch)
