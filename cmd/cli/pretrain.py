@@ -37,121 +37,14 @@ from tqdm.auto import tqdm
 
 import cmd
 from cmd import distributed as dist
+from cmd.cli.common import build_data as _build_data
+from cmd.cli.common import cli_message
+from cmd.cli.options import build_pretrain_parser, parse_pretrain_args
 
 # --------------------------------------------------------------------------------------- options
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cmd-fgvc pretrain",
-        description="CMD self-supervised pretraining (defaults: a CPU demo on synthetic data).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--config", type=str, default=None, help="YAML or JSON file of these options")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_tiny", help="backbone name (timm name or alias: swin_tiny, vit_small, ...)")
-    g.add_argument("--backbone_kwargs", type=json.loads, default=None,
-                   help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; default for vit_tiny '
-                        'at crops <= 96 px (the demo): {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3}')
-    g.add_argument("--init", type=str, default=None, help="DINO / EsViT / CMD / timm checkpoint to start from")
-    g.add_argument("--init_key", type=str, default="teacher", help="key of the backbone weights in --init")
-    g.add_argument("--init_partial", action="store_true",
-                   help="start from the part of --init that fits the backbone (default: it must fit exactly)")
-    g.add_argument("--out_dim", type=int, default=1024, help="K, prototypes of the heads (paper: 65536)")
-    g.add_argument("--head_hidden_dim", type=int, default=256, help="hidden width of the heads' MLP (paper: 2048)")
-    g.add_argument("--head_bottleneck_dim", type=int, default=64, help="bottleneck of the heads (paper: 256)")
-    g.add_argument("--norm_last_layer", type=_bool, default=True)
-    g.add_argument("--mil_pooling", default="gated_attention",
-                   choices=["mean", "sum", "max", "attention", "gated_attention"])
-    g.add_argument("--image_input", default="pooled", choices=["pooled", "mil"])
-    g.add_argument("--share_prototypes", type=_bool, default=False)
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="cmd", choices=["dino", "esvit", "cmd"])
-    g.add_argument("--image_weight", type=float, default=None)
-    g.add_argument("--region_weight", type=float, default=None)
-    g.add_argument("--inter_weight", type=float, default=None)
-    g.add_argument("--cross_weight", type=float, default=None)
-    g.add_argument("--teacher_temp", type=float, default=0.07)
-    g.add_argument("--warmup_teacher_temp", type=float, default=0.04)
-    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30)
-    g.add_argument("--student_temp", type=float, default=0.1)
-    g.add_argument("--center_momentum", type=float, default=0.9)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch_size_per_gpu", type=int, default=32)
-    g.add_argument("--lr", type=float, default=5e-4, help="base lr at total batch 256 (scaled linearly)")
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_epochs", type=int, default=2)
-    g.add_argument("--weight_decay", type=float, default=0.04)
-    g.add_argument("--weight_decay_end", type=float, default=0.4)
-    g.add_argument("--momentum_teacher", type=float, default=0.996)
-    g.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter clipping norm; 0 disables")
-    g.add_argument("--freeze_last_layer", type=int, default=1)
-    g.add_argument("--amp", default="off", choices=["bf16", "fp16", "off", "auto"])
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "cub", "cars", "aircraft", "imagefolder"])
-    g.add_argument("--data_path", type=str, default=None)
-    g.add_argument("--synthetic_classes", type=int, default=10)
-    g.add_argument("--synthetic_per_class", type=int, default=40)
-    g.add_argument("--synthetic_image_size", type=int, default=64)
-    g.add_argument("--global_size", type=int, default=64, help="global crop size (paper: 224)")
-    g.add_argument("--local_size", type=int, default=32, help="local crop size (paper: 96)")
-    g.add_argument("--local_crops_number", type=int, default=4, help="paper: 8")
-    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0))
-    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4))
-    g.add_argument("--eval_size", type=int, default=None, help="k-NN evaluation image size (default: global_size)")
-    g.add_argument("--num_workers", type=int, default=2,
-                   help="data-loading processes (each augments with one thread; 0 augments in the main process)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", type=str, default="outputs/pretrain_demo")
-    g.add_argument("--saveckp_freq", type=int, default=0, help="also keep checkpoint{epoch:04}.pth every N epochs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    g.add_argument("--knn_every", type=int, default=0, help="k-NN of the teacher every N epochs (0: start/end only)")
-    g.add_argument("--knn_k", type=int, default=20)
-    g.add_argument("--no_knn", action="store_true", help="skip the k-NN before and after training")
-    g.add_argument("--log_every", type=int, default=10, help="read the loss on the host every N steps")
-    g.add_argument("--max_steps", type=int, default=0,
-                   help="stop this run after N steps (saving a checkpoint), as an interruption would; 0: off")
-    g.add_argument("--compile", action="store_true", help="torch.compile the backbones and heads")
-    g.add_argument("--fused_region_chunk", type=int, default=0,
-                   help="fuse the region prototype layer with the loss in chunks of N crops-of-images "
-                        "(never materialises [tokens, K] student logits; saves memory); 0: off")
-    g.add_argument("--viz", action="store_true", help="save training curves and region-weight overlays at the end")
-    g.add_argument("--no_progress", action="store_true")
-    return p
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; ``--config FILE`` supplies defaults that the command line overrides."""
-    parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        text = Path(pre.config).read_text()
-        if pre.config.endswith((".yaml", ".yml")):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
-        parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    if args.backbone_kwargs is None:
-        demo = args.arch == "vit_tiny" and args.global_size <= 96
-        args.backbone_kwargs = {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3} if demo else {}
-    return args
+# The parser and the --config mechanism live in cmd/cli/options.py (shared with `cmd-fgvc evaluate`).
+build_parser = build_pretrain_parser
+parse_args = parse_pretrain_args
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -205,19 +98,9 @@ class EpochIndexSampler(torch.utils.data.Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
-def build_data(args, split: str, transform):
-    if args.dataset == "synthetic":
-        return cmd.SyntheticFineGrained(
-            n_classes=args.synthetic_classes,
-            n_per_class=args.synthetic_per_class,
-            image_size=args.synthetic_image_size,
-            split=split,
-            seed=args.seed,
-            transform=transform,
-        )
-    if args.data_path is None:
-        raise SystemExit(f"--data_path is required for --dataset {args.dataset}")
-    return cmd.build_dataset(args.dataset, args.data_path, split, transform)
+def build_data(args, split: str, transform, **synthetic):
+    """The ``split`` of ``--dataset``; a missing test split says to pass --no_knn (see `cmd.cli.common`)."""
+    return _build_data(args, split, transform, command="pretrain", **synthetic)
 
 
 # -------------------------------------------------------------------------------------- network
@@ -241,7 +124,9 @@ def build_network(
     except ValueError as err:
         if not args.init:
             raise
-        raise SystemExit(f"--init {args.init}: {err}\n(--init_partial starts from the part that fits)") from err
+        raise SystemExit(
+            f"--init {args.init}: {cli_message(err)} (--init_partial starts from the part that fits)"
+        ) from err
     report = backbone.load_report
     if report is not None and report.loaded == 0:
         raise SystemExit(f"--init {args.init}: nothing loads into {args.arch}: {report.summary()}")
