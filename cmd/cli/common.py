@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from typing import Any
 
@@ -70,10 +71,13 @@ def resolve_device(requested: str | None) -> torch.device:
     return device
 
 
-def rounded(value: Any, digits: int = 4) -> Any:
-    """Floats rounded to ``digits`` decimals, through dicts and lists (for printing and results.json)."""
+def rounded(value: Any, digits: int = 6) -> Any:
+    """Floats rounded to ``digits`` significant digits, through dicts and lists (for results.json).
+
+    ``15.999999999999998`` becomes ``16.0``; a learning rate such as ``0.00025`` stays as it is.
+    """
     if isinstance(value, float):
-        return round(value, digits)
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
     if isinstance(value, dict):
         return {k: rounded(v, digits) for k, v in value.items()}
     if isinstance(value, list | tuple):
