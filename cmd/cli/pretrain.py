@@ -428,17 +428,66 @@ def _jsonable(values: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 
-def _save_visualisations(args, teacher, device, out_dir: Path) -> None:
+def _save_visualisations(args, teacher, device, out_dir: Path) -> list[Path]:
+    """``--viz``: training curves, region weights across classes, an embedding plot; returns the files.
+
+    - ``training_curves.png`` (per epoch, from log.jsonl), ``step_curves.png`` (per step, from the
+      run's CSV log when there is one), ``knn_over_epochs.png`` (when the log has k-NN rows);
+    - ``region_weights.png``: the teacher's MIL weights on one test image per class (up to 8 classes,
+      spread over the class list), titled with the class, with a colorbar, and the discriminative
+      part outlined where the dataset has masks (the synthetic data);
+    - ``embedding.png``: t-SNE (PCA without scikit-learn) of the teacher's test features by class.
+    The test split is used, or the train split when there is none.
+    """
     from cmd import viz
 
     viz.plot_training_log(out_dir / "log.jsonl", out_dir / "training_curves.png")
-    data = build_data(args, "test", cmd.eval_transform(args.eval_size or args.global_size))
-    images = torch.stack([data[i][0] for i in range(min(8, len(data)))])
-    if teacher.head.pooling is None:  # the loss consumes no MIL weights: the head has no pooling
-        print(f"saved {out_dir / 'training_curves.png'}")
-        return
-    viz.save_attention_grid(teacher, images.to(device), out_dir / "region_weights.png")
-    print(f"saved {out_dir / 'training_curves.png'} and {out_dir / 'region_weights.png'}")
+    saved = [out_dir / "training_curves.png"]
+    for csv_path in sorted(out_dir.glob("*.csv"))[:1]:
+        try:
+            viz.plot_step_curves(csv_path, out_dir / "step_curves.png")
+            saved.append(out_dir / "step_curves.png")
+        except (ValueError, KeyError) as err:
+            print(f"--viz: no per-step curves from {csv_path.name}: {err}")
+    try:
+        viz.plot_knn_over_epochs(out_dir / "log.jsonl", out_dir / "knn_over_epochs.png")
+        saved.append(out_dir / "knn_over_epochs.png")
+    except (ValueError, KeyError):
+        pass  # no k-NN rows in the log (--knn_every 0)
+
+    transform = cmd.eval_transform(args.eval_size or args.global_size)
+    masks_kw = {"return_part_mask": True} if args.dataset == "synthetic" else {}
+    try:
+        split, data = "test", build_data(args, "test", transform, **masks_kw)
+    except SystemExit:  # no test split (a run with --no_knn): show training images
+        split, data = "train", build_data(args, "train", transform, **masks_kw)
+    targets = getattr(data, "targets", None)
+    if targets is None:
+        targets = [data[i][1] for i in range(len(data))]
+    class_names = getattr(data, "classes", None)
+
+    if teacher.head.pooling is not None:  # with no MIL pooling (a dino run) there are no region weights
+        indices = viz.sample_across_classes(targets, per_class=1, max_images=8, seed=args.seed)
+        samples = [data[i] for i in indices]
+        images = torch.stack([s[0] for s in samples]).to(device)
+        labels = [int(s[1]) for s in samples]
+        part_masks = torch.stack([s[2] for s in samples]) if masks_kw else None
+        viz.save_attention_grid(teacher, images, out_dir / "region_weights.png", labels=labels,
+                                class_names=class_names, part_masks=part_masks)
+        saved.append(out_dir / "region_weights.png")
+
+    plain = build_data(args, split, transform) if masks_kw else data  # (image, label) samples
+    loader = DataLoader(plain, batch_size=64, num_workers=args.num_workers)
+    features, labels_all = cmd.extract_features(teacher.backbone, loader, device=device, progress=False)
+    try:
+        viz.plot_embeddings(features, labels_all, out_dir / "embedding.png", method="tsne", seed=args.seed,
+                            class_names=class_names)
+    except ImportError:
+        viz.plot_embeddings(features, labels_all, out_dir / "embedding.png", method="pca", seed=args.seed,
+                            class_names=class_names)
+    saved.append(out_dir / "embedding.png")
+    print("saved " + ", ".join(str(p) for p in saved))
+    return saved
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -11,17 +11,13 @@ from PIL import Image
 
 from cmd.cli import evaluate, pretrain
 from cmd.cli.common import rounded
-from tests.examples.test_pretrain import SMALL as PRETRAIN_SMALL
 
 DATA = ["--synthetic_classes", "4", "--synthetic_per_class", "8", "--synthetic_image_size", "32"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny 1-epoch pretraining run (the SMALL settings of tests/examples/test_pretrain.py)."""
-    out = tmp_path_factory.mktemp("pretrain")
-    result = pretrain.main([*PRETRAIN_SMALL, "--epochs", "1", "--knn_k", "5", "--output_dir", str(out)])
-    return out, result
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def test_knn_from_checkpoint_without_architecture_flags_matches_the_monitor(run, tmp_path, capsys):
