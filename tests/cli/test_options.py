@@ -34,9 +34,7 @@ def test_help_of_every_command_runs(argv, capsys):
 @pytest.mark.parametrize("command", sorted(PARSERS))
 def test_help_documents_every_option_once(command, capsys):
     parser = PARSERS[command]()
-    with pytest.raises(SystemExit) as stop:
-        cli_main([command, "--help"])
-    assert stop.value.code == 0
+    assert cli_main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     formatter = HelpFormatter(parser.prog)
     for action in parser._actions:
