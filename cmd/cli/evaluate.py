@@ -312,11 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     describe: dict[str, Any] = {}
-    if args.load_features:
-        # the features are the evaluated thing: no backbone runs
-        args.arch = args.arch or "(features)"
-        args.backbone_kwargs = args.backbone_kwargs or {}
-        args.image_size = args.image_size or 0
+    if args.load_features:  # the features are what is evaluated: no backbone runs
         backbone = None
     else:
         content = read_weights(args)
