@@ -48,6 +48,8 @@ def build_data(args: argparse.Namespace, split: str, transform: Any, *, command:
         raise SystemExit(f"--data_path is required for --dataset {args.dataset}")
     try:
         return cmd.build_dataset(args.dataset, args.data_path, split, transform)
+    except ValueError as err:  # e.g. a test split with classes the train split lacks
+        raise SystemExit(f"--data_path {args.data_path} ({split} split): {cli_message(err)}") from err
     except FileNotFoundError as err:
         if split != "test":
             raise SystemExit(f"--data_path {args.data_path}: no {split} split: {cli_message(err)}") from err

@@ -502,6 +502,9 @@ def parse_pretrain_args(argv: Sequence[str] | None = None) -> argparse.Namespace
             parser.error(f"argument --{name}: must be increasing (MIN <= MAX), got {low:g} {high:g}")
         setattr(args, name, (low, high))
     _check_data(parser, args)
+    if args.dataset == "imagefolder" and not args.no_knn and not (Path(args.data_path) / "test").is_dir():
+        parser.error(f"argument --data_path: {args.data_path} has no test/ folder, which the k-NN monitor needs: "
+                     "pass --no_knn, or lay out DATA/train/<class>/<image> and DATA/test/<class>/<image>")
     _check_device(parser, args.device)
     if args.backbone_kwargs is None:
         demo = args.arch == "vit_tiny" and args.global_size <= 96

@@ -81,9 +81,13 @@ def _image_folder(root, splits=("train",)):
     return root
 
 
-def test_missing_test_split_says_what_to_do(tmp_path):
+def test_missing_test_split_says_what_to_do(tmp_path, capsys):
     root = _image_folder(tmp_path / "data")
-    args = pretrain.parse_args(["--dataset", "imagefolder", "--data_path", str(root)])
+    with pytest.raises(SystemExit):  # refused before anything runs or is written
+        pretrain.parse_args(["--dataset", "imagefolder", "--data_path", str(root)])
+    err = capsys.readouterr().err
+    assert "argument --data_path" in err and "has no test/ folder" in err and "pass --no_knn" in err
+    args = pretrain.parse_args(["--dataset", "imagefolder", "--data_path", str(root), "--no_knn"])
     with pytest.raises(SystemExit, match=r"no test split.*pass --no_knn.*DATA/test/<class>/<image>") as stop:
         pretrain.build_data(args, "test", None)
     assert "split=" not in str(stop.value.code)
@@ -113,3 +117,13 @@ def test_linear_probe_results_have_a_per_lr_table(run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert re.search(r"\n\s+0\.00025\s+\d+\.\d\d\s+\d+\.\d\d", printed), printed
     assert torch.load(tmp_path / "linear_probe.pth", weights_only=True)
+
+
+def test_classes_only_in_the_test_split_is_one_line(tmp_path):
+    root = _image_folder(tmp_path / "data", splits=("train", "test"))
+    (root / "test" / "zz").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "test" / "zz" / "0.png")
+    ev = evaluate.parse_args(["knn", "--dataset", "imagefolder", "--data_path", str(root)])
+    with pytest.raises(SystemExit, match=r"\(test split\): .*zz") as stop:
+        evaluate._dataset(ev, "test", None)
+    assert "\n" not in str(stop.value.code)
