@@ -2,7 +2,8 @@
 
 ``cmd-fgvc pretrain [options]`` runs self-supervised CMD / EsViT / DINO pretraining
 (`cmd.cli.pretrain`); ``cmd-fgvc evaluate knn|linear|retrieval [options]`` evaluates a frozen
-backbone (`cmd.cli.evaluate`). ``cmd-fgvc COMMAND --help`` lists every option with its default.
+backbone (`cmd.cli.evaluate`). ``cmd-fgvc COMMAND --help`` lists every option with its default
+(the options and ``--config FILE`` of both commands: `cmd.cli.options`).
 Under torchrun: ``torchrun --nproc_per_node 8 -m cmd pretrain ...``.
 
 Example:

@@ -188,3 +188,16 @@ def test_config_positional_and_missing_file(tmp_path, capsys):
     assert "protocol (give it on the command line)" in err
     err = _error(capsys, parse_evaluate_args, ["knn", "--config", str(tmp_path / "nope.yaml")])
     assert "no such file" in err
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "evaluate.py"])
+def test_example_wrappers_help(script):
+    """``python examples/evaluate.py --help`` crashed on a '%' in a help text (issue 16)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / script
+    proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--config" in proc.stdout and "--seed" in proc.stdout
