@@ -2,7 +2,8 @@
 
 ``cmd-fgvc pretrain [options]`` runs self-supervised CMD / EsViT / DINO pretraining
 (`cmd.cli.pretrain`); ``cmd-fgvc evaluate knn|linear|retrieval [options]`` evaluates a frozen
-backbone (`cmd.cli.evaluate`). ``cmd-fgvc COMMAND --help`` lists every option with its default.
+backbone (`cmd.cli.evaluate`). ``cmd-fgvc COMMAND --help`` lists every option with its default
+(the options and ``--config FILE`` of both commands: `cmd.cli.options`).
 Under torchrun: ``torchrun --nproc_per_node 8 -m cmd pretrain ...``.
 
 Example:
@@ -41,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmd-fgvc {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command in _COMMANDS and ("-h" in rest or "--help" in rest):
+        # the options live in a module without torch: --help answers at once
+        from cmd.cli import options
+
+        build = {"pretrain": options.build_pretrain_parser, "evaluate": options.build_evaluate_parser}[command]
+        try:
+            build().parse_args(rest)
+        except SystemExit as stop:
+            return int(stop.code or 0)
     if command == "pretrain":
         from cmd.cli import pretrain
 

@@ -3,27 +3,32 @@
 Examples::
 
     # k-NN of a CMD checkpoint's teacher on CUB-200-2011 (k = 10, 20, 100, 200; k = 20 the headline)
+    # (the architecture, backbone settings and image size come from the checkpoint's training args)
     cmd-fgvc evaluate knn --pretrained_weights out/cub_cmd/checkpoint.pth \\
-        --checkpoint_key teacher --arch swin_tiny --dataset cub --data_path /data/CUB_200_2011
+        --dataset cub --data_path /data/CUB_200_2011
 
     # linear probe on the last 4 blocks, 8 GPUs
-    torchrun --nproc_per_node 8 -m cmd evaluate linear --pretrained_weights ... --arch swin_tiny \\
+    torchrun --nproc_per_node 8 -m cmd evaluate linear --pretrained_weights ... \\
         --dataset cub --data_path /data/CUB_200_2011 --n_last_blocks 4 --epochs 100
 
     # retrieval (query: every 9th test image; gallery: train + remaining test)
-    cmd-fgvc evaluate retrieval --pretrained_weights ... --arch swin_tiny --dataset cub ...
+    cmd-fgvc evaluate retrieval --pretrained_weights ... --dataset cub ...
 
 With no ``--pretrained_weights`` the randomly initialised backbone is evaluated (a baseline). The
 default dataset is the synthetic fine-grained one at 64 px, so ``cmd-fgvc evaluate knn``
 runs anywhere in seconds. Results are printed as a table and written to ``output_dir/results.json``.
 """
 
+
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -31,56 +36,17 @@ from torchvision.transforms import v2
 
 import cmd
 from cmd import distributed as dist
+from cmd.cli.common import build_data, cli_message, resolve_device, rounded
+from cmd.cli.options import build_evaluate_parser, parse_evaluate_args
 
+build_parser = build_evaluate_parser
+parse_args = parse_evaluate_args
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cmd-fgvc evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("protocol", choices=["knn", "linear", "retrieval"])
-    p.add_argument("--pretrained_weights", type=str, default=None, help="checkpoint (cmd, DINO, EsViT or timm)")
-    p.add_argument("--checkpoint_key", type=str, default="teacher")
-    p.add_argument("--trust_pickle", action="store_true", help="allow old pickled checkpoints (unsafe)")
-    p.add_argument("--arch", default="vit_tiny")
-    p.add_argument("--backbone_kwargs", type=json.loads, default=None, help="JSON dict of timm kwargs")
-    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "cub", "cars", "aircraft", "imagefolder"])
-    p.add_argument("--data_path", type=str, default=None)
-    p.add_argument("--synthetic_classes", type=int, default=10)
-    p.add_argument("--synthetic_per_class", type=int, default=40)
-    p.add_argument("--synthetic_image_size", type=int, default=64)
-    p.add_argument("--image_size", type=int, default=None, help="eval crop (224 for real data; default 64 synthetic)")
-    p.add_argument("--batch_size_per_gpu", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", type=str, default="outputs/evaluate")
-    p.add_argument("--dump_features", type=str, default=None, help="save extracted features to this folder")
-    p.add_argument("--load_features", type=str, default=None, help="reuse features saved by --dump_features")
-    p.add_argument("--no_progress", action="store_true")
-    g = p.add_argument_group("k-NN")
-    g.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200])
-    g.add_argument("--temperature", type=float, default=0.07)
-    g.add_argument("--label_fraction", type=float, default=None, help="keep a class-balanced fraction of train labels")
-    g = p.add_argument_group("linear probe")
-    g.add_argument("--n_last_blocks", type=int, default=4)
-    g.add_argument("--avgpool_patchtokens", action="store_true")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--lr", type=float, default=None, help="default 1e-3 * total batch / 256")
-    g.add_argument("--lrs", type=float, nargs="+", default=None, help="one head per learning rate, best reported")
-    g.add_argument("--num_labels", type=int, default=None, help="number of classes (inferred from the data)")
-    g.add_argument("--cache_features", action="store_true", help="extract once without augmentation, train on it")
-    g = p.add_argument_group("retrieval")
-    g.add_argument("--every", type=int, default=9, help="query = test index % every == 0")
-    g.add_argument("--map_at", type=int, default=100)
-    return p
+_DEFAULT_ARCH = "vit_tiny"
 
 
 def _dataset(args, split: str, transform):
-    if args.dataset == "synthetic":
-        return cmd.SyntheticFineGrained(
-            n_classes=args.synthetic_classes, n_per_class=args.synthetic_per_class,
-            image_size=args.synthetic_image_size, split=split, seed=args.seed, transform=transform,
-        )
-    if args.data_path is None:
-        raise SystemExit(f"--data_path is required for --dataset {args.dataset}")
-    return cmd.build_dataset(args.dataset, args.data_path, split, transform)
+    return build_data(args, split, transform, command="evaluate")
 
 
 def _loader(data, args, *, shuffle: bool) -> DataLoader:
@@ -91,62 +57,195 @@ def _loader(data, args, *, shuffle: bool) -> DataLoader:
     )
 
 
-def build_backbone(args) -> torch.nn.Module:
-    # through create_backbone: EsViT/CMD and DINO checkpoints get their reference numerics (see the report)
-    weights = {"checkpoint": args.pretrained_weights, "checkpoint_key": args.checkpoint_key,
-               "trust_pickle": args.trust_pickle} if args.pretrained_weights else {}
-    backbone = cmd.create_backbone(args.arch, pretrained=False, **weights, **(args.backbone_kwargs or {}))
-    if args.pretrained_weights:
-        if dist.is_main_process():
-            print(f"loaded {args.pretrained_weights} [{args.checkpoint_key}]: {backbone.load_report.summary()}")
-    elif dist.is_main_process():
+# ------------------------------------------------------------------------ what the checkpoint knows
+
+
+def read_weights(args: argparse.Namespace) -> Any:
+    """The ``--pretrained_weights`` file's content (read once, safely), or None without the option."""
+    if not args.pretrained_weights:
+        return None
+    try:
+        return cmd.backbones.read_checkpoint_file(args.pretrained_weights, trust_pickle=args.trust_pickle)
+    except (OSError, RuntimeError, ValueError) as err:
+        hint = "" if args.trust_pickle or "pickle" not in str(err) else " (--trust_pickle reads it, for files you trust)"
+        raise SystemExit(f"--pretrained_weights: {cli_message(err)}{hint}") from err
+
+
+def apply_checkpoint_args(args: argparse.Namespace, content: Any) -> dict[str, Any]:
+    """Fill ``--arch``, ``--backbone_kwargs`` and ``--image_size`` left unset from the checkpoint.
+
+    A cmd-fgvc training checkpoint stores its training arguments (``args``): the architecture, the
+    timm kwargs and the k-NN image size (``--eval_size``, else ``--global_size``) are taken from
+    them; values given on the command line win (``--backbone_kwargs`` is only taken with the
+    checkpoint's own ``--arch``). Without stored arguments the defaults are ``vit_tiny``, ``{}`` and
+    ``--synthetic_image_size`` (synthetic data) or 224.
+
+    Returns:
+        The values taken from the checkpoint, by option name (empty when none were).
+    """
+    stored = content.get("args") if isinstance(content, Mapping) else None
+    stored = stored if isinstance(stored, Mapping) else {}
+    taken: dict[str, Any] = {}
+    if args.arch is None:
+        if stored.get("arch"):
+            args.arch = taken["arch"] = stored["arch"]
+        else:
+            args.arch = _DEFAULT_ARCH
+    if args.backbone_kwargs is None:
+        kwargs = stored.get("backbone_kwargs")
+        if isinstance(kwargs, Mapping) and stored.get("arch") == args.arch:
+            args.backbone_kwargs = taken["backbone_kwargs"] = dict(kwargs)
+        else:
+            args.backbone_kwargs = {}
+    if args.image_size is None:
+        size = stored.get("eval_size") or stored.get("global_size")
+        if isinstance(size, int) and size > 0:
+            args.image_size = taken["image_size"] = size
+        else:
+            args.image_size = args.synthetic_image_size if args.dataset == "synthetic" else 224
+    return taken
+
+
+def _flags(values: Mapping[str, Any]) -> str:
+    return " ".join(f"--{k} {json.dumps(v) if isinstance(v, dict) else v}" for k, v in values.items())
+
+
+def build_backbone(args: argparse.Namespace, content: Any = None) -> torch.nn.Module:
+    """The backbone to evaluate: ``--arch`` with ``--pretrained_weights`` loaded (exactly), in eval mode.
+
+    ``content``: the checkpoint already read by `read_weights` (read here when None). Settings left
+    unset are taken from the checkpoint's training arguments (`apply_checkpoint_args`).
+
+    Raises:
+        SystemExit: a checkpoint that cannot be read or does not fit; one line naming the flags.
+    """
+    if content is None:
+        content = read_weights(args)
+    taken = apply_checkpoint_args(args, content)
+    verbose = dist.is_main_process()
+    if taken and verbose:
+        print(f"from the checkpoint's training arguments: {_flags(taken)} (command-line values override these)")
+    try:
+        # through create_backbone: EsViT/CMD and DINO checkpoints get their reference numerics
+        weights = {"checkpoint": content, "checkpoint_key": args.checkpoint_key} if content is not None else {}
+        backbone = cmd.create_backbone(args.arch, pretrained=False, **weights, **args.backbone_kwargs)
+    except (ValueError, RuntimeError, KeyError) as err:
+        shown = _flags({"arch": args.arch, "backbone_kwargs": args.backbone_kwargs})
+        if content is None:
+            raise SystemExit(f"cannot create the backbone {shown}: {cli_message(err)}") from err
+        raise SystemExit(
+            f"--pretrained_weights {args.pretrained_weights} [--checkpoint_key {args.checkpoint_key}] does not fit "
+            f"{shown}: {cli_message(err)}. Pass the --arch and --backbone_kwargs it was trained with"
+        ) from err
+    if content is not None:
+        if verbose:
+            summary = backbone.load_report.summary().replace("; pass numerics= to override", "")
+            print(f"loaded {args.pretrained_weights} [{args.checkpoint_key}]: {summary}")
+    elif verbose:
         print("no --pretrained_weights: evaluating the randomly initialised backbone")
     return backbone.eval()
 
 
-def features(args, backbone, device) -> dict[str, torch.Tensor]:
-    """Train and test features ([N, D], L2-normalised) and labels, extracted or loaded."""
+def checkpoint_provenance(args: argparse.Namespace, content: Any, backbone: Any) -> dict | None:
+    """Path, key, epoch / step (training checkpoints) and numerics of the weights evaluated."""
+    if not args.pretrained_weights:
+        return None
+    info: dict[str, Any] = {"path": str(Path(args.pretrained_weights).resolve()), "key": args.checkpoint_key}
+    if isinstance(content, Mapping):
+        for key in ("epoch", "step"):
+            if isinstance(content.get(key), int | float):
+                info[key] = content[key]
+    report = getattr(backbone, "load_report", None)
+    if report is not None:
+        info["format"] = report.source_format
+        info["numerics"] = backbone.numerics
+    return info
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
+def _dataset_info(args: argparse.Namespace) -> dict[str, Any]:
+    if args.dataset == "synthetic":
+        return {"name": "synthetic", "classes": args.synthetic_classes, "per_class": args.synthetic_per_class,
+                "image_size": args.synthetic_image_size, "seed": args.seed}
+    return {"name": args.dataset, "path": str(Path(args.data_path).resolve())}
+
+
+def features(args, backbone, device, *, describe: dict | None = None) -> dict[str, torch.Tensor]:
+    """Train and test features ([N, D], L2-normalised) and labels, extracted or loaded.
+
+    ``describe`` (a dict) receives where the features come from: the dataset and its sizes, or the
+    description stored next to features saved by ``--dump_features``.
+    """
+    describe = {} if describe is None else describe
     if args.load_features:
         folder = Path(args.load_features)
-        return {k: torch.load(folder / f"{k}.pt", weights_only=True) for k in ("train_x", "train_y", "test_x", "test_y")}
+        try:
+            out = {k: torch.load(folder / f"{k}.pt", weights_only=True) for k in ("train_x", "train_y", "test_x", "test_y")}
+        except FileNotFoundError as err:
+            raise SystemExit(f"--load_features {folder}: {err.filename} is missing (written by --dump_features)") from err
+        source = folder / "features.json"
+        saved = json.loads(source.read_text()) if source.is_file() else {}
+        describe["features"] = {"loaded_from": str(folder.resolve()), **saved}
+        if not saved:
+            describe["features"]["source"] = "unknown (no features.json: dumped by an older version)"
+        describe["dataset"] = {**saved.get("dataset", {"name": "unknown"}),
+                               "train": int(out["train_x"].shape[0]), "test": int(out["test_x"].shape[0])}
+        return out
     transform = cmd.eval_transform(args.image_size)
     out = {}
     for split in ("train", "test"):
         loader = _loader(_dataset(args, split, transform), args, shuffle=False)
         x, y = cmd.extract_features(backbone, loader, device=device, progress=not args.no_progress)
         out[f"{split}_x"], out[f"{split}_y"] = x, y
+    describe["dataset"] = {**_dataset_info(args), "train": int(out["train_x"].shape[0]),
+                           "test": int(out["test_x"].shape[0])}
+    describe["features"] = {"extracted": True, "image_size": args.image_size}
     if args.dump_features and dist.is_main_process():
         folder = Path(args.dump_features)
         folder.mkdir(parents=True, exist_ok=True)
         for k, v in out.items():
             torch.save(v.cpu(), folder / f"{k}.pt")
+        source = {"dataset": _dataset_info(args), "arch": args.arch, "backbone_kwargs": args.backbone_kwargs,
+                  "image_size": args.image_size, "checkpoint": describe.get("checkpoint")}
+        (folder / "features.json").write_text(json.dumps(source, indent=2, default=str))
         print(f"features saved to {folder}")
     return out
 
 
-def run_knn(args, backbone, device) -> dict:
-    f = features(args, backbone, device)
+# ----------------------------------------------------------------------------------------- protocols
+
+
+def run_knn(args, backbone, device, describe: dict | None = None) -> dict:
+    f = features(args, backbone, device, describe=describe)
     knn = cmd.KNNClassifier(k=tuple(args.nb_knn), temperature=args.temperature, num_classes=args.num_labels)
     knn.fit(f["train_x"], f["train_y"], label_fraction=args.label_fraction, seed=args.seed)
-    return {f"k={k}": v for k, v in knn.evaluate(f["test_x"], f["test_y"]).items()}
+    return rounded({f"k={k}": v for k, v in knn.evaluate(f["test_x"], f["test_y"]).items()})
 
 
-def run_retrieval(args, backbone, device) -> dict:
-    f = features(args, backbone, device)
+def run_retrieval(args, backbone, device, describe: dict | None = None) -> dict:
+    describe = {} if describe is None else describe
+    f = features(args, backbone, device, describe=describe)
     q, ql, g, gl = cmd.fine_grained_retrieval_split(f["train_x"], f["train_y"], f["test_x"], f["test_y"], every=args.every)
-    return cmd.retrieval_metrics(q, ql, g, gl, ranks=(1, 5), map_at=args.map_at)
+    describe.setdefault("dataset", {}).update(queries=int(q.shape[0]), gallery=int(g.shape[0]))
+    return rounded(cmd.retrieval_metrics(q, ql, g, gl, ranks=(1, 5), map_at=args.map_at))
 
 
-def run_linear(args, backbone, device) -> dict:
+def run_linear(args, backbone, device, describe: dict | None = None) -> dict:
+    describe = {} if describe is None else describe
+    if args.load_features:
+        raise SystemExit("--load_features works with knn and retrieval; the linear probe runs the backbone")
     size = args.image_size
     norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cmd.IMAGENET_MEAN, cmd.IMAGENET_STD)]
     train_tf = cmd.eval_transform(size) if args.cache_features else v2.Compose(
         [v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *norm]
     )
-    train_loader = _loader(_dataset(args, "train", train_tf), args, shuffle=True)
-    val_loader = _loader(_dataset(args, "test", cmd.eval_transform(size)), args, shuffle=False)
+    train_data, val_data = _dataset(args, "train", train_tf), _dataset(args, "test", cmd.eval_transform(size))
+    describe["dataset"] = {**_dataset_info(args), "train": len(train_data), "test": len(val_data)}
     results = cmd.train_linear_probe(
-        backbone, train_loader, val_loader, num_classes=args.num_labels, n_last_blocks=args.n_last_blocks,
+        backbone, _loader(train_data, args, shuffle=True), _loader(val_data, args, shuffle=False),
+        num_classes=args.num_labels, n_last_blocks=args.n_last_blocks,
         avgpool=args.avgpool_patchtokens, epochs=args.epochs, lr=args.lr, lrs=args.lrs,
         cache_features=args.cache_features, label_fraction=args.label_fraction, seed=args.seed,
         device=device, progress=not args.no_progress,
@@ -155,41 +254,99 @@ def run_linear(args, backbone, device) -> dict:
     if probe is not None and dist.is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         torch.save(probe.state_dict(), Path(args.output_dir) / "linear_probe.pth")
-    return results
+    per_lr = results.pop("per_lr", {})
+    results["lr"] = float(f"{results['lr']:.4g}")
+    results["per_lr"] = {f"{float(rate):.4g}": metrics for rate, metrics in per_lr.items()}
+    return rounded(results)
 
 
-def _table(results: dict) -> str:
-    rows = []
-    for key, value in results.items():
-        if isinstance(value, dict):
-            rows.append(f"{key:>12} " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()))
-        elif isinstance(value, float):
-            rows.append(f"{key:>12} {value:.2f}")
-        else:
-            rows.append(f"{key:>12} {value}")
-    return "\n".join(rows)
+# ------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.3g}"
+    return str(value)
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+    """Results as an aligned text table: one row per k (k-NN) or per learning rate (linear probe)."""
+    rows = {k: v for k, v in results.items() if isinstance(v, Mapping) and v and k != "per_lr"}
+    lines = []
+    if rows:  # e.g. {"k=20": {"top1": .., "top5": ..}}
+        columns = list(next(iter(rows.values())))
+        lines.append(f"{'':>8}  " + "  ".join(f"{c:>10}" for c in columns))
+        lines += [f"{key:>8}  " + "  ".join(f"{_fmt(v.get(c, '')):>10}" for c in columns) for key, v in rows.items()]
+    scalars = {k: v for k, v in results.items() if not isinstance(v, Mapping)}
+    if scalars:
+        lines.append("  ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
+    per_lr = results.get("per_lr")
+    if per_lr:
+        lines.append(f"\n{'lr':>10}  {'top1':>8}  {'top5':>8}")
+        best = results.get("lr")
+        for rate, m in per_lr.items():
+            mark = "  <- best" if best is not None and float(rate) == float(best) else ""
+            lines.append(f"{rate:>10}  {_fmt(m['top1']):>8}  {_fmt(m['top5']):>8}{mark}")
+    return "\n".join(lines)
+
+
+def provenance(args: argparse.Namespace, device: torch.device, describe: Mapping[str, Any]) -> dict[str, Any]:
+    """Library version, date, device and what was evaluated (dataset and sizes, checkpoint, features)."""
+    device_text = str(device)
+    if device.type == "cuda":
+        device_text += f" ({torch.cuda.get_device_name(device)})"
+    return {
+        "library": "cmd-fgvc",
+        "version": cmd.__version__,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_text,
+        "world_size": dist.world_size(),
+        **describe,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    if args.image_size is None:
-        args.image_size = args.synthetic_image_size if args.dataset == "synthetic" else 224
+    args = parse_evaluate_args(argv)
     dist.init_distributed_from_env()
     torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and dist.is_dist():
-        device = torch.device("cuda", torch.cuda.current_device())
-    backbone = build_backbone(args).to(device)
-    run = {"knn": run_knn, "linear": run_linear, "retrieval": run_retrieval}[args.protocol]
-    results = run(args, backbone, device)
+    device = resolve_device(args.device)
+    describe: dict[str, Any] = {}
+    if args.load_features:  # the features are what is evaluated: no backbone runs
+        backbone = None
+    else:
+        content = read_weights(args)
+        backbone = build_backbone(args, content).to(device)
+        describe["checkpoint"] = checkpoint_provenance(args, content, backbone)
+        del content
+    protocol = {"knn": run_knn, "linear": run_linear, "retrieval": run_retrieval}[args.protocol]
+    results = protocol(args, backbone, device, describe)
     if dist.is_main_process():
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"protocol": args.protocol, "args": vars(args), "results": results}
+        info = provenance(args, device, describe)
+        payload = {"protocol": args.protocol, "results": results, "provenance": info, "args": vars(args)}
         (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
-        print(f"\n{args.protocol} results ({args.arch}, {args.dataset}):\n{_table(results)}")
+        print(f"\n{args.protocol} results: {_header(args, info)}\n{format_results(results)}")
         print(f"written to {out / 'results.json'}")
     return results
+
+
+def _header(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
+    data = info.get("dataset", {})
+    sizes = ", ".join(f"{k} {data[k]}" for k in ("train", "test", "queries", "gallery") if k in data)
+    features = info.get("features", {})
+    if "loaded_from" in features:
+        source = f"features from {features['loaded_from']}"
+        if features.get("arch"):
+            source += f" ({features['arch']} at {features.get('image_size')} px)"
+    else:
+        ckpt = info.get("checkpoint") or {}
+        weights = ckpt.get("path", "random weights")
+        if "epoch" in ckpt:
+            weights += f" (epoch {ckpt['epoch']})"
+        source = f"{args.arch} at {args.image_size} px, {weights}"
+    return f"{source}; {data.get('name', args.dataset)} ({sizes}); {info['device']}"
 
 
 def run(argv: list[str] | None = None) -> int:

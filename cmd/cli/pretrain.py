@@ -42,154 +42,14 @@ from tqdm.auto import tqdm
 
 import cmd
 from cmd import distributed as dist
-from cmd.checkpoint import CheckpointError, read_checkpoint
-from cmd.cli.loggers import StepLoggers, build_step_loggers, parse_logger_names
-from cmd.cli.output_lock import OutputLock, OutputLockedError
-from cmd.cli.run_state import (
-    EpochStats,
-    FiniteGuard,
-    NonFiniteLossError,
-    append_args_history,
-    check_model_options,
-    format_epoch_line,
-    ignore_termination_signals,
-    resume_plan,
-    write_jsonl_atomic,
-)
+from cmd.cli.common import build_data as _build_data
+from cmd.cli.common import cli_message
+from cmd.cli.options import build_pretrain_parser, parse_pretrain_args
 
 # --------------------------------------------------------------------------------------- options
-
-
-# timm kwargs of the CPU-sized backbones used at crops <= 96 px when --backbone_kwargs is not given.
-# The narrow ResNet-18 (0.72 M parameters, a 4 x 4 token grid on a 64 px crop) learns the easy synthetic
-# data's part with labels in 120 steps (k-NN 14 -> 67 %); the tiny ViT does not (8.5 -> 10.5 %):
-# see docs/learning_regime.md.
-SMALL_CROP_BACKBONE_KWARGS: dict[str, dict] = {
-    "vit_tiny": {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3},
-    "resnet18": {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16},
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cmd-fgvc pretrain",
-        description="CMD self-supervised pretraining (defaults: a CPU demo on synthetic data).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--config", type=str, default=None, help="YAML or JSON file of these options")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_tiny", help="backbone name (timm name or alias: swin_tiny, vit_small, ...)")
-    g.add_argument("--backbone_kwargs", type=json.loads, default=None,
-                   help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; default for vit_tiny '
-                        'at crops <= 96 px: SMALL_CROP_BACKBONE_KWARGS (vit_tiny: depth 4, width 96, patch 8; '
-                        'resnet18: channels 16-32-64-128, stem 16, output stride 16)')
-    g.add_argument("--init", type=str, default=None, help="DINO / EsViT / CMD / timm checkpoint to start from")
-    g.add_argument("--init_key", type=str, default="teacher", help="key of the backbone weights in --init")
-    g.add_argument("--init_partial", action="store_true",
-                   help="start from the part of --init that fits the backbone (default: it must fit exactly)")
-    g.add_argument("--out_dim", type=int, default=1024, help="K, prototypes of the heads (paper: 65536)")
-    g.add_argument("--head_hidden_dim", type=int, default=256, help="hidden width of the heads' MLP (paper: 2048)")
-    g.add_argument("--head_bottleneck_dim", type=int, default=64, help="bottleneck of the heads (paper: 256)")
-    g.add_argument("--norm_last_layer", type=_bool, default=True)
-    g.add_argument("--mil_pooling", default="gated_attention",
-                   choices=["mean", "sum", "max", "attention", "gated_attention"])
-    g.add_argument("--image_input", default="pooled", choices=["pooled", "mil"])
-    g.add_argument("--share_prototypes", type=_bool, default=False)
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="cmd", choices=["dino", "esvit", "cmd"])
-    g.add_argument("--image_weight", type=float, default=None)
-    g.add_argument("--region_weight", type=float, default=None)
-    g.add_argument("--inter_weight", type=float, default=None)
-    g.add_argument("--cross_weight", type=float, default=None)
-    g.add_argument("--teacher_temp", type=float, default=0.07)
-    g.add_argument("--warmup_teacher_temp", type=float, default=0.04)
-    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30)
-    g.add_argument("--student_temp", type=float, default=0.1)
-    g.add_argument("--center_momentum", type=float, default=0.9)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch_size_per_gpu", type=int, default=32)
-    g.add_argument("--lr", type=float, default=5e-4, help="base lr at total batch 256 (scaled linearly)")
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_epochs", type=int, default=2)
-    g.add_argument("--weight_decay", type=float, default=0.04)
-    g.add_argument("--weight_decay_end", type=float, default=0.4)
-    g.add_argument("--momentum_teacher", type=float, default=0.996)
-    g.add_argument("--clip_grad", type=float, default=3.0, help="per-parameter clipping norm; 0 disables")
-    g.add_argument("--freeze_last_layer", type=int, default=1)
-    g.add_argument("--amp", default="off", choices=["bf16", "fp16", "off", "auto"])
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="synthetic", choices=["synthetic", "cub", "cars", "aircraft", "imagefolder"])
-    g.add_argument("--data_path", type=str, default=None)
-    g.add_argument("--synthetic_classes", type=int, default=10)
-    g.add_argument("--synthetic_per_class", type=int, default=40)
-    g.add_argument("--synthetic_image_size", type=int, default=64)
-    g.add_argument("--synthetic_difficulty", default="hard", choices=["hard", "easy"],
-                   help="SyntheticFineGrained preset: easy (a large part; learnable in CPU minutes) or hard "
-                        "(the method's benchmark: a 12 px part in 64 px)")
-    g.add_argument("--synthetic_class_hue", type=float, default=None,
-                   help="class-correlated object hue in [0, 1] (0: none; default: the difficulty's)")
-    g.add_argument("--global_size", type=int, default=64, help="global crop size (paper: 224)")
-    g.add_argument("--local_size", type=int, default=32, help="local crop size (paper: 96)")
-    g.add_argument("--local_crops_number", type=int, default=4, help="paper: 8")
-    g.add_argument("--global_crops_scale", type=float, nargs=2, default=(0.4, 1.0))
-    g.add_argument("--local_crops_scale", type=float, nargs=2, default=(0.05, 0.4))
-    g.add_argument("--eval_size", type=int, default=None, help="k-NN evaluation image size (default: global_size)")
-    g.add_argument("--num_workers", type=int, default=2,
-                   help="data-loading processes (each augments with one thread; 0 augments in the main process)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", type=str, default="outputs/pretrain_demo")
-    g.add_argument("--saveckp_freq", type=int, default=0, help="also keep checkpoint{epoch:04}.pth every N epochs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    g.add_argument("--knn_every", type=int, default=0, help="k-NN of the teacher every N epochs (0: start/end only)")
-    g.add_argument("--knn_k", type=int, default=20)
-    g.add_argument("--no_knn", action="store_true", help="skip the k-NN before and after training")
-    g.add_argument("--log_every", type=int, default=10, help="read the loss on the host every N steps")
-    g.add_argument("--max_steps", type=int, default=0,
-                   help="stop this run after N steps (saving a checkpoint), as an interruption would; 0: off")
-    g.add_argument("--compile", action="store_true", help="torch.compile the backbones and heads")
-    g.add_argument("--fused_region_chunk", type=int, default=0,
-                   help="fuse the region prototype layer with the loss in chunks of N crops-of-images "
-                        "(never materialises [tokens, K] student logits; saves memory); 0: off")
-    g.add_argument("--viz", action="store_true", help="save training curves and region-weight overlays at the end")
-    g.add_argument("--no_progress", action="store_true")
-    g.add_argument("--logger", default="csv",
-                   help="per-step scalars (loss terms, schedules, teacher entropies, throughput) at the --log_every "
-                        "cadence: comma-separated csv (output_dir/steps.csv), tensorboard (output_dir/tensorboard; "
-                        "pip install 'cmd-fgvc[tracking]'), none")
-    return p
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse the command line; ``--config FILE`` supplies defaults that the command line overrides."""
-    parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        text = Path(pre.config).read_text()
-        if pre.config.endswith((".yaml", ".yml")):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
-        parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    if args.backbone_kwargs is None:
-        args.backbone_kwargs = dict(SMALL_CROP_BACKBONE_KWARGS.get(args.arch, {})) if args.global_size <= 96 else {}
-    return args
+# The parser and the --config mechanism live in cmd/cli/options.py (shared with `cmd-fgvc evaluate`).
+build_parser = build_pretrain_parser
+parse_args = parse_pretrain_args
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -243,21 +103,9 @@ class EpochIndexSampler(torch.utils.data.Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
-def build_data(args, split: str, transform):
-    if args.dataset == "synthetic":
-        return cmd.SyntheticFineGrained(
-            n_classes=args.synthetic_classes,
-            n_per_class=args.synthetic_per_class,
-            image_size=args.synthetic_image_size,
-            split=split,
-            seed=args.seed,
-            transform=transform,
-            difficulty=args.synthetic_difficulty,
-            class_hue=args.synthetic_class_hue,
-        )
-    if args.data_path is None:
-        raise SystemExit(f"--data_path is required for --dataset {args.dataset}")
-    return cmd.build_dataset(args.dataset, args.data_path, split, transform)
+def build_data(args, split: str, transform, **synthetic):
+    """The ``split`` of ``--dataset``; a missing test split says to pass --no_knn (see `cmd.cli.common`)."""
+    return _build_data(args, split, transform, command="pretrain", **synthetic)
 
 
 # -------------------------------------------------------------------------------------- network
@@ -281,7 +129,9 @@ def build_network(
     except ValueError as err:
         if not args.init:
             raise
-        raise SystemExit(f"--init {args.init}: {err}\n(--init_partial starts from the part that fits)") from err
+        raise SystemExit(
+            f"--init {args.init}: {cli_message(err)} (--init_partial starts from the part that fits)"
+        ) from err
     report = backbone.load_report
     if report is not None and report.loaded == 0:
         raise SystemExit(f"--init {args.init}: nothing loads into {args.arch}: {report.summary()}")
@@ -671,17 +521,66 @@ def _jsonable(values: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 
-def _save_visualisations(args, teacher, device, out_dir: Path) -> None:
+def _save_visualisations(args, teacher, device, out_dir: Path) -> list[Path]:
+    """``--viz``: training curves, region weights across classes, an embedding plot; returns the files.
+
+    - ``training_curves.png`` (per epoch, from log.jsonl), ``step_curves.png`` (per step, from the
+      run's CSV log when there is one), ``knn_over_epochs.png`` (when the log has k-NN rows);
+    - ``region_weights.png``: the teacher's MIL weights on one test image per class (up to 8 classes,
+      spread over the class list), titled with the class, with a colorbar, and the discriminative
+      part outlined where the dataset has masks (the synthetic data);
+    - ``embedding.png``: t-SNE (PCA without scikit-learn) of the teacher's test features by class.
+    The test split is used, or the train split when there is none.
+    """
     from cmd import viz
 
     viz.plot_training_log(out_dir / "log.jsonl", out_dir / "training_curves.png")
-    data = build_data(args, "test", cmd.eval_transform(args.eval_size or args.global_size))
-    images = torch.stack([data[i][0] for i in range(min(8, len(data)))])
-    if teacher.head.pooling is None:  # the loss consumes no MIL weights: the head has no pooling
-        print(f"saved {out_dir / 'training_curves.png'}")
-        return
-    viz.save_attention_grid(teacher, images.to(device), out_dir / "region_weights.png")
-    print(f"saved {out_dir / 'training_curves.png'} and {out_dir / 'region_weights.png'}")
+    saved = [out_dir / "training_curves.png"]
+    for csv_path in sorted(out_dir.glob("*.csv"))[:1]:
+        try:
+            viz.plot_step_curves(csv_path, out_dir / "step_curves.png")
+            saved.append(out_dir / "step_curves.png")
+        except (ValueError, KeyError) as err:
+            print(f"--viz: no per-step curves from {csv_path.name}: {err}")
+    try:
+        viz.plot_knn_over_epochs(out_dir / "log.jsonl", out_dir / "knn_over_epochs.png")
+        saved.append(out_dir / "knn_over_epochs.png")
+    except (ValueError, KeyError):
+        pass  # no k-NN rows in the log (--knn_every 0)
+
+    transform = cmd.eval_transform(args.eval_size or args.global_size)
+    masks_kw = {"return_part_mask": True} if args.dataset == "synthetic" else {}
+    try:
+        split, data = "test", build_data(args, "test", transform, **masks_kw)
+    except SystemExit:  # no test split (a run with --no_knn): show training images
+        split, data = "train", build_data(args, "train", transform, **masks_kw)
+    targets = getattr(data, "targets", None)
+    if targets is None:
+        targets = [data[i][1] for i in range(len(data))]
+    class_names = getattr(data, "classes", None)
+
+    if teacher.head.pooling is not None:  # with no MIL pooling (a dino run) there are no region weights
+        indices = viz.sample_across_classes(targets, per_class=1, max_images=8, seed=args.seed)
+        samples = [data[i] for i in indices]
+        images = torch.stack([s[0] for s in samples]).to(device)
+        labels = [int(s[1]) for s in samples]
+        part_masks = torch.stack([s[2] for s in samples]) if masks_kw else None
+        viz.save_attention_grid(teacher, images, out_dir / "region_weights.png", labels=labels,
+                                class_names=class_names, part_masks=part_masks)
+        saved.append(out_dir / "region_weights.png")
+
+    plain = build_data(args, split, transform) if masks_kw else data  # (image, label) samples
+    loader = DataLoader(plain, batch_size=64, num_workers=args.num_workers)
+    features, labels_all = cmd.extract_features(teacher.backbone, loader, device=device, progress=False)
+    try:
+        viz.plot_embeddings(features, labels_all, out_dir / "embedding.png", method="tsne", seed=args.seed,
+                            class_names=class_names)
+    except ImportError:
+        viz.plot_embeddings(features, labels_all, out_dir / "embedding.png", method="pca", seed=args.seed,
+                            class_names=class_names)
+    saved.append(out_dir / "embedding.png")
+    print("saved " + ", ".join(str(p) for p in saved))
+    return saved
 
 
 def run(argv: list[str] | None = None) -> int:

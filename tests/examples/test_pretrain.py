@@ -57,7 +57,7 @@ def test_default_run_reduced(pretrain, tmp_path):
     report = cmd.load_checkpoint(backbone, tmp_path / "checkpoint.pth", checkpoint_key="teacher")
     assert not report.missing and not report.unexpected
     assert report.suggested_numerics == "timm"  # the run's numerics, stored as "backbone_numerics"
-    for picture in ("training_curves.png", "region_weights.png"):
+    for picture in ("training_curves.png", "region_weights.png", "embedding.png"):
         assert (tmp_path / picture).stat().st_size > 1000, picture
 
 

@@ -215,3 +215,27 @@ def test_broken_install_degrades_to_stdlib(tmp_path: Path, wheel: Path):
     (env.site / "_cmd_fgvc_hook.py").write_text("raise RuntimeError('broken')\n")
     proc = env.run("import cmd; print(cmd.__file__)")
     assert proc.stdout.strip() == STDLIB_CMD and proc.stderr == ""
+
+
+def test_console_commands_work_from_fresh_install(installed: FreshEnv):
+    """``cmd-fgvc``, ``cmd-fgvc pretrain --help`` and ``python -m cmd evaluate --help`` (issue 16 section 1)."""
+    script = installed.venv / "bin" / "cmd-fgvc"
+    assert script.is_file(), f"no console script at {script}"
+    cases = [
+        ([str(script), "--help"], ["pretrain", "evaluate"]),
+        ([str(script), "--version"], ["cmd-fgvc"]),
+        # (--help answers without importing torch; see cmd/cli/__init__.py)
+        ([str(script), "pretrain", "--help"], ["usage: cmd-fgvc pretrain", "--epochs", "(default: 10)", "--config"]),
+        ([installed.python, "-m", "cmd", "evaluate", "--help"],
+         ["usage: cmd-fgvc evaluate", "{knn,linear,retrieval}", "--every", "--pretrained_weights", "--config"]),
+    ]
+    for argv, expected in cases:
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=str(installed.workdir), env=_clean_env(),
+                              timeout=300)
+        shown = " ".join(argv[-2:])
+        assert proc.returncode == 0, f"{shown}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        for text in expected:
+            assert text in proc.stdout, f"{shown}: {text!r} not in\n{proc.stdout}"
+    # the program that ran is the installed one
+    where = installed.run("import cmd.cli.options as o; print(o.__file__)").stdout.strip()
+    assert where == str(Path(_expected_init(installed)).parent / "cli" / "options.py")
