@@ -42,9 +42,23 @@ from tqdm.auto import tqdm
 
 import cmd
 from cmd import distributed as dist
+from cmd.checkpoint import CheckpointError, read_checkpoint
 from cmd.cli.common import build_data as _build_data
 from cmd.cli.common import cli_message
+from cmd.cli.loggers import StepLoggers, build_step_loggers, parse_logger_names
 from cmd.cli.options import build_pretrain_parser, parse_pretrain_args
+from cmd.cli.output_lock import OutputLock, OutputLockedError
+from cmd.cli.run_state import (
+    EpochStats,
+    FiniteGuard,
+    NonFiniteLossError,
+    append_args_history,
+    check_model_options,
+    format_epoch_line,
+    ignore_termination_signals,
+    resume_plan,
+    write_jsonl_atomic,
+)
 
 # --------------------------------------------------------------------------------------- options
 # The parser and the --config mechanism live in cmd/cli/options.py (shared with `cmd-fgvc evaluate`).
