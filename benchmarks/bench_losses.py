@@ -57,8 +57,8 @@ PRESETS = ("esvit", "cmd")
 
 
 # --------------------------------------------------------------------------- baseline
-class PerPairLoopLoss:
-    """The straightforward implementation: loops over pairs (I, R) and crops (S), as EsViT's code does."""
+class _BaselineLoss:
+    """State shared by the two baselines: centers, crop counts, weights, temperatures."""
 
     def __init__(self, out_dim: int, n_global: int, n_crops: int, *, image_weight: float, region_weight: float,
                  inter_weight: float, device: torch.device) -> None:
@@ -67,6 +67,10 @@ class PerPairLoopLoss:
         self.G, self.V = n_global, n_crops
         self.wi, self.wr, self.ws = image_weight, region_weight, inter_weight
         self.tau_s, self.m = 0.1, 0.9
+
+
+class PerPairLoopLoss(_BaselineLoss):
+    """The straightforward implementation: loops over pairs (I, R) and crops (S), as EsViT's code does."""
 
     def __call__(self, student: list[CrossLevelOutput], teacher: CrossLevelOutput, tau_t: float) -> torch.Tensor:
         G, B = self.G, teacher.image.shape[0] // self.G
@@ -105,16 +109,8 @@ class PerPairLoopLoss:
         return total
 
 
-class AggregatedAutogradLoss:
+class AggregatedAutogradLoss(_BaselineLoss):
     """The same loss in plain autograd with aggregated targets: ``T_v = sum_{g != v} P_g`` per student crop."""
-
-    def __init__(self, out_dim: int, n_global: int, n_crops: int, *, image_weight: float, region_weight: float,
-                 inter_weight: float, device: torch.device) -> None:
-        self.center = torch.zeros(1, out_dim, device=device)
-        self.region_center = torch.zeros(1, out_dim, device=device)
-        self.G, self.V = n_global, n_crops
-        self.wi, self.wr, self.ws = image_weight, region_weight, inter_weight
-        self.tau_s, self.m = 0.1, 0.9
 
     def __call__(self, student: list[CrossLevelOutput], teacher: CrossLevelOutput, tau_t: float) -> torch.Tensor:
         G, V, B, K = self.G, self.V, teacher.image.shape[0] // self.G, teacher.image.shape[1]

@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 import cmd
+from cmd import distributed as dist
 
-__all__ = ["build_data", "cli_message", "resolve_device", "rounded"]
+__all__ = ["build_data", "cli_message", "resolve_device", "rounded", "run_command"]
 
 _LAYOUT = "DATA/train/<class>/<image> and DATA/test/<class>/<image>"
 
@@ -87,3 +90,21 @@ def rounded(value: Any, digits: int = 6) -> Any:
     if isinstance(value, list | tuple):
         return [rounded(v, digits) for v in value]
     return value
+
+
+def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None,
+                errors: tuple[tuple[type[BaseException], int], ...] = ()) -> int:
+    """Run a command's ``main(argv)``; return its exit status (0, or the status paired with an error).
+
+    An error listed in ``errors`` is printed as one ``error: ...`` line; a distributed process
+    group is destroyed in every case.
+    """
+    try:
+        main(argv)
+    except tuple(e for e, _ in errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return next(code for e, code in errors if isinstance(err, e))
+    finally:
+        if dist.is_dist():
+            torch.distributed.destroy_process_group()
+    return 0

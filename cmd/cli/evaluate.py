@@ -36,7 +36,7 @@ from torchvision.transforms import v2
 
 import cmd
 from cmd import distributed as dist
-from cmd.cli.common import build_data, cli_message, resolve_device, rounded
+from cmd.cli.common import build_data, cli_message, resolve_device, rounded, run_command
 from cmd.cli.options import build_evaluate_parser, parse_evaluate_args
 
 build_parser = build_evaluate_parser
@@ -351,12 +351,7 @@ def _header(args: argparse.Namespace, info: Mapping[str, Any]) -> str:
 
 def run(argv: list[str] | None = None) -> int:
     """The ``cmd-fgvc evaluate`` command: run `main`, return the process exit status."""
-    try:
-        main(argv)
-    finally:
-        if dist.is_dist():
-            torch.distributed.destroy_process_group()
-    return 0
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

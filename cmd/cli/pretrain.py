@@ -44,7 +44,7 @@ import cmd
 from cmd import distributed as dist
 from cmd.checkpoint import CheckpointError, read_checkpoint
 from cmd.cli.common import build_data as _build_data
-from cmd.cli.common import cli_message
+from cmd.cli.common import cli_message, run_command
 from cmd.cli.loggers import StepLoggers, build_step_loggers, parse_logger_names
 from cmd.cli.options import build_pretrain_parser, parse_pretrain_args
 from cmd.cli.output_lock import OutputLock, OutputLockedError
@@ -598,19 +598,11 @@ def _save_visualisations(args, teacher, device, out_dir: Path) -> list[Path]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """The ``cmd-fgvc pretrain`` command: run `main`, return the process exit status."""
-    try:
-        main(argv)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, CheckpointError) as err:  # a full disk (ENOSPC) during a save, an unreadable checkpoint
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_dist():
-            torch.distributed.destroy_process_group()
-    return 0
+    """The ``cmd-fgvc pretrain`` command: run `main`, return the process exit status.
+
+    2 for a non-finite loss, 1 for a failed save (a full disk: ENOSPC) or an unreadable checkpoint.
+    """
+    return run_command(main, argv, ((NonFiniteLossError, 2), (OSError, 1), (CheckpointError, 1)))
 
 
 if __name__ == "__main__":
