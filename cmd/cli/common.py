@@ -47,6 +47,7 @@ def build_data(args: argparse.Namespace, split: str, transform: Any, *, command:
             n_classes=args.synthetic_classes, n_per_class=args.synthetic_per_class,
             image_size=args.synthetic_image_size, split=split, seed=args.seed, transform=transform,
             difficulty=getattr(args, "synthetic_difficulty", "hard"), class_hue=getattr(args, "synthetic_class_hue", None),
+            clutter=getattr(args, "synthetic_clutter", None),
             **synthetic,
         )
     if args.data_path is None:

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 DATASETS = ["synthetic", "cub", "cars", "aircraft", "imagefolder"]
-SYNTHETIC_DIFFICULTIES = ["hard", "easy"]  # cmd.data.synthetic.DIFFICULTIES (not imported: --help stays torch-free)
+SYNTHETIC_DIFFICULTIES = ["hard", "easy", "demo"]  # cmd.data.synthetic.DIFFICULTIES (not imported: --help stays torch-free)
 # timm kwargs of the small backbones at crops <= 96 px (the CPU demo); --backbone_kwargs overrides them
 SMALL_CROP_BACKBONE_KWARGS: dict[str, dict] = {
     "vit_tiny": {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3},
@@ -186,9 +186,13 @@ def _add_data(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--synthetic_image_size", type=int_range(16), default=64, help="side of the synthetic images")
     g.add_argument("--synthetic_difficulty", default="hard", choices=SYNTHETIC_DIFFICULTIES,
                    help="preset of the synthetic data (cmd.SyntheticFineGrained): hard = a 4 x 4-cell part on 20 %% "
-                        "of the side (the method benchmark); easy = a 3 x 3-cell part on 40 %% of the side")
+                        "of the side (the method benchmark); easy = a 3 x 3-cell part on 40 %% of the side; demo = easy "
+                        "without clutter, on a calm background (what self-supervision learns visibly on a CPU)")
     g.add_argument("--synthetic_class_hue", type=float_range(0.0, 1.0), default=None,
                    help="0..1: how strongly the object's hue follows the class (a global cue); default: the preset's")
+    g.add_argument("--synthetic_clutter", type=float_range(0.0, 1.0), default=None,
+                   help="0..1: clutter shapes and background colour spread (class-independent nuisance); "
+                        "default: the preset's")
 
 
 def _add_weights_source(g: argparse._ArgumentGroup, *, evaluate: bool) -> None:

@@ -28,10 +28,11 @@ __all__ = ["DIFFICULTIES", "SyntheticFineGrained", "SyntheticSample"]
 _SPLITS = {"train": 0, "test": 1, "val": 2}
 _CODE_SIDE = 4  # the part pattern is a 4 x 4 grid of cells (difficulty "hard")
 _PART_FRACTION = 0.2  # part side / image side: area <= 4 % (difficulty "hard")
-# difficulty presets: (part_fraction, code_side, class_hue); explicit arguments override them
+# difficulty presets: (part_fraction, code_side, class_hue, clutter); explicit arguments override them
 DIFFICULTIES: dict[str, dict[str, float | int]] = {
-    "hard": {"part_fraction": _PART_FRACTION, "code_side": _CODE_SIDE, "class_hue": 0.0},
-    "easy": {"part_fraction": 0.4, "code_side": 3, "class_hue": 0.0},
+    "hard": {"part_fraction": _PART_FRACTION, "code_side": _CODE_SIDE, "class_hue": 0.0, "clutter": 1.0},
+    "easy": {"part_fraction": 0.4, "code_side": 3, "class_hue": 0.0, "clutter": 1.0},
+    "demo": {"part_fraction": 0.4, "code_side": 3, "class_hue": 0.0, "clutter": 0.0},
 }
 _CLASS_STREAM = 0x5EED  # separates the class-pattern generator from the per-image ones
 
@@ -104,22 +105,27 @@ class SyntheticFineGrained(Dataset):
         transform: applied to the PIL image.
         target_transform: applied to the label.
         cache: keep rendered images in memory (about 3 * image_size^2 bytes each).
-        difficulty: a preset of the three knobs below: ``"hard"`` (the default; the method's
-            benchmark: a 4 x 4 pattern in a part of 0.2 x the image side, no global cue) or
-            ``"easy"`` (a part twice as wide with 3 x 3 larger cells, which a tiny backbone can
-            learn in a few CPU minutes; see ``DIFFICULTIES``).
+        difficulty: a preset of the four knobs below: ``"hard"`` (the default; the method's
+            benchmark: a 4 x 4 pattern in a part of 0.2 x the image side, no global cue, full
+            clutter), ``"easy"`` (a part twice as wide with 3 x 3 larger cells, which a tiny
+            backbone can learn with labels in a few CPU minutes) or ``"demo"`` (``"easy"`` without
+            clutter and with a calm background: what self-supervision learns visibly in the CPU
+            demo's budget; see ``DIFFICULTIES`` and docs/learning_regime.md).
         part_fraction: part side / image side, in (0, 1] (overrides the preset).
         code_side: the part pattern is ``code_side x code_side`` cells, >= 2 (overrides the preset).
         class_hue: in [0, 1]; 0: the object's hue is random, as every other global property; s > 0:
             the hue centres on a per-class hue, with uniform noise of width ``1 - s`` (a global,
             class-correlated cue, like the colour family of a species; overrides the preset).
+        clutter: in [0, 1]: the strength of the class-independent nuisance that survives
+            augmentation: the number of clutter shapes (3-6 at 1, none at 0) and the spread of the
+            background colours around mid-grey (overrides the preset; 1 is the original scene).
 
     Attributes:
         num_classes: the number of classes.
         classes: the class names.
         targets: the label of every index.
         part_size: the side of the part in pixels.
-        difficulty, part_fraction, code_side, class_hue: the data's settings.
+        difficulty, part_fraction, code_side, class_hue, clutter: the data's settings.
 
     Example:
         >>> data = SyntheticFineGrained(n_classes=4, n_per_class=5, image_size=64)
@@ -143,6 +149,7 @@ class SyntheticFineGrained(Dataset):
         part_fraction: float | None = None,
         code_side: int | None = None,
         class_hue: float | None = None,
+        clutter: float | None = None,
     ) -> None:
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}, got {difficulty!r}")
@@ -150,12 +157,15 @@ class SyntheticFineGrained(Dataset):
         part_fraction = float(preset["part_fraction"] if part_fraction is None else part_fraction)
         code_side = int(preset["code_side"] if code_side is None else code_side)
         class_hue = float(preset["class_hue"] if class_hue is None else class_hue)
+        clutter = float(preset["clutter"] if clutter is None else clutter)
         if not 0.0 < part_fraction <= 1.0:
             raise ValueError(f"part_fraction must lie in (0, 1], got {part_fraction}")
         if code_side < 2:
             raise ValueError(f"code_side must be >= 2, got {code_side}")
         if not 0.0 <= class_hue <= 1.0:
             raise ValueError(f"class_hue must lie in [0, 1], got {class_hue}")
+        if not 0.0 <= clutter <= 1.0:
+            raise ValueError(f"clutter must lie in [0, 1], got {clutter}")
         for name, value, low in (("n_classes", n_classes, 1), ("n_per_class", n_per_class, 1), ("image_size", image_size, 16)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -173,6 +183,7 @@ class SyntheticFineGrained(Dataset):
         self.target_transform = target_transform
         self.cache = cache
         self.difficulty, self.part_fraction, self.code_side, self.class_hue = difficulty, part_fraction, code_side, class_hue
+        self.clutter = clutter
         self.part_size = int(part_fraction * image_size)
         if self.part_size < 1:
             raise ValueError(f"the part ({part_fraction} x {image_size} px) must be at least 1 pixel wide")
@@ -195,7 +206,8 @@ class SyntheticFineGrained(Dataset):
         return (
             f"{type(self).__name__}(n_classes={self.n_classes}, n_per_class={self.n_per_class}, "
             f"image_size={self.image_size}, split={self.split!r}, seed={self.seed}, difficulty={self.difficulty!r}, "
-            f"part_fraction={self.part_fraction}, code_side={self.code_side}, class_hue={self.class_hue})"
+            f"part_fraction={self.part_fraction}, code_side={self.code_side}, class_hue={self.class_hue}, "
+            f"clutter={self.clutter})"
         )
 
     def _index(self, index: int) -> int:
@@ -259,6 +271,8 @@ class SyntheticFineGrained(Dataset):
 
         # background: a colour gradient in a random direction plus low-frequency waves
         c0, c1 = rng.uniform(0.15, 0.85, size=(2, 3)).astype(np.float32)
+        if self.clutter < 1.0:  # a calmer background: colours pulled towards mid-grey
+            c0, c1 = 0.5 + self.clutter * (c0 - 0.5), 0.5 + self.clutter * (c1 - 0.5)
         angle = rng.uniform(0, 2 * math.pi)
         ramp = np.clip(0.5 + (xs - 0.5) * math.cos(angle) + (ys - 0.5) * math.sin(angle), 0, 1)[..., None]
         image = c0 + (c1 - c0) * ramp
@@ -268,7 +282,7 @@ class SyntheticFineGrained(Dataset):
         image = image + waves[..., None]
 
         # clutter: plain-coloured discs and boxes
-        for _ in range(int(rng.integers(3, 7))):
+        for _ in range(int(round(int(rng.integers(3, 7)) * self.clutter))):
             cy, cx = (float(t) for t in rng.uniform(0, 1, size=2))
             radius = rng.uniform(0.04, 0.12)
             colour = rng.uniform(0, 1, size=3).astype(np.float32)

@@ -206,3 +206,20 @@ def test_class_hue_is_a_global_class_cue():
 def test_difficulty_knobs_reject_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SyntheticFineGrained(**kwargs)
+
+
+def test_clutter_knob_calms_the_background_and_demo_preset_uses_it():
+    """clutter=0 (the "demo" preset): no clutter shapes, background near mid-grey; 1: the original scene."""
+    def far_from_grey(data):
+        images = np.stack([data.render(i).image for i in range(len(data))]).astype(np.float32)
+        masks = np.stack([data.render(i).part_mask for i in range(len(data))])
+        deviation = np.abs(images - 127.5).max(axis=-1)[~masks]
+        return float((deviation > 0.2 * 255).mean())
+
+    calm = SyntheticFineGrained(n_classes=4, n_per_class=5, image_size=32, difficulty="demo")
+    busy = SyntheticFineGrained(n_classes=4, n_per_class=5, image_size=32, difficulty="easy")
+    assert (calm.clutter, calm.part_fraction, calm.code_side) == (0.0, 0.4, 3)
+    assert busy.clutter == 1.0
+    assert far_from_grey(calm) < 0.3 < far_from_grey(busy)
+    with pytest.raises(ValueError, match="clutter"):
+        SyntheticFineGrained(n_classes=2, n_per_class=1, clutter=1.5)
