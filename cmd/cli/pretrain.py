@@ -420,7 +420,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     guarded = len(active) + 1  # the loss and the active terms must be finite (the others are NaN when unused)
     guard = FiniteGuard(names[:guarded], device)
     watch = CollapseWatch(criterion.out_dim, stop=args.stop_on_collapse, verbose=rank == 0,
-                          reduce_mean=_mean_over_processes if dist.is_dist() else None)
+                          reduce_mean=(lambda *v: _mean_over_processes(*v, device=device)) if dist.is_dist() else None)
     summary: dict = {}
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -549,9 +549,9 @@ def _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule,
     }
 
 
-def _mean_over_processes(*values: float) -> list[float]:
-    """The mean of host scalars over the processes (one collective; every process gets the same values)."""
-    summed = dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
+def _mean_over_processes(*values: float, device: torch.device) -> list[float]:
+    """The mean of host scalars over the processes (one collective on ``device``: NCCL needs a GPU tensor)."""
+    summed = dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
     return (summed / dist.world_size()).tolist()
 
 

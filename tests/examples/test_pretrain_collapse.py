@@ -13,7 +13,7 @@ import pytest
 
 from cmd.cli import pretrain
 from cmd.cli.collapse import CollapseStop, CollapseWatch
-from tests.examples.test_pretrain import SMALL
+from tests.examples.test_pretrain import SCRIPT, SMALL
 
 UNIFORM = ["--teacher_temp", "100", "--warmup_teacher_temp", "100"]
 
@@ -98,3 +98,25 @@ def test_option_range_checks(argv, message, capsys):
     with pytest.raises(SystemExit):
         pretrain.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_stop_on_collapse_under_torchrun_stops_every_process(tmp_path):
+    """Both processes reach the same verdict (entropies averaged over them) and stop together with status 3."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+         *SMALL, *UNIFORM, "--epochs", "2", "--no_knn", "--batch_size_per_gpu", "4", "--stop_on_collapse", "true",
+         "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode != 0 and "--stop_on_collapse is set" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("uniform collapse") == 1  # rank 0 only
+    (row,) = _log(tmp_path)
+    assert row["collapse"] == "uniform" and row["stopped_at_step"] == 1
