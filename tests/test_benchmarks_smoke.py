@@ -54,3 +54,18 @@ def test_bench_backbone_multicrop_smoke(tmp_path):
     _run("bench_backbone_multicrop.py", "--models", "vit_tiny", "--batch", "1", "--repeats", "1", "--warmup", "0",
          "--n-local", "1", "--out", str(out))
     assert out.exists()
+
+
+@pytest.mark.slow
+def test_compare_presets_smoke(tmp_path):
+    out = tmp_path / "compare.json"
+    result = _run("compare_presets.py", "--smoke", "--seeds", "1", "--epochs", "1", "--work_dir", str(tmp_path / "runs"),
+                  "--out", str(out))
+    data = json.loads(out.read_text())
+    assert [e["contender"] for e in data["table"]] == ["dino", "esvit", "cmd", "cmd-mean"]
+    for entry in data["table"]:
+        for key in ("knn_before", "knn_after", "map100", "part_mass", "uniform_mass", "teacher_entropy",
+                    "teacher_batch_entropy", "train_time_s"):
+            assert entry[key] is not None and entry[f"{key}_std"] == 0.0, key
+        assert 0 < entry["uniform_mass"] < 1 and 0 <= entry["map100"] <= 100
+    assert "mAP@100" in result.stdout and "cmd-mean" in result.stdout

@@ -235,6 +235,10 @@ def build_pretrain_parser() -> CommandParser:
                    help="multi-instance pooling of the region tokens into a bag embedding")
     g.add_argument("--image_input", default="pooled", choices=["pooled", "mil"],
                    help="input of the image head: the backbone's pooled feature or the MIL bag embedding")
+    g.add_argument("--head_bn", type=boolean, default=False, metavar="BOOL",
+                   help="BatchNorm after the hidden layers of the heads' MLP (DINO's use_bn; SyncBatchNorm under "
+                        "torch.distributed on GPUs, per-process statistics on the CPU); steadies the teacher against "
+                        "collapse in short runs")
     g.add_argument("--share_prototypes", type=boolean, default=False, metavar="BOOL",
                    help="one prototype layer for the image and region heads")
     g = p.add_argument_group("loss")
@@ -251,6 +255,11 @@ def build_pretrain_parser() -> CommandParser:
                    help="epochs of linear teacher-temperature warm-up")
     g.add_argument("--student_temp", type=POSITIVE_FLOAT, default=0.1, help="student temperature")
     g.add_argument("--center_momentum", type=FRACTION, default=0.9, help="EMA momentum of the teacher centers, in [0, 1]")
+    g.add_argument("--centering", default="center", choices=["center", "sinkhorn"],
+                   help="teacher normalisation: DINO's centering, or DINOv2's Sinkhorn-Knopp over the batch "
+                        "(ignores --center_momentum)")
+    g.add_argument("--koleo_weight", type=NON_NEGATIVE_FLOAT, default=0.0,
+                   help="weight of DINOv2's KoLeo term on the student's pooled global-crop vectors; 0 = off")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=POSITIVE, default=10, help="training epochs")
     g.add_argument("--batch_size_per_gpu", type=POSITIVE, default=32, help="images per process and step")
@@ -294,6 +303,9 @@ def build_pretrain_parser() -> CommandParser:
     g.add_argument("--no_knn", action="store_true",
                    help="skip the k-NN monitor (needed when the dataset has no test split)")
     g.add_argument("--log_every", type=POSITIVE, default=10, help="read the loss on the host every N steps")
+    g.add_argument("--stop_on_collapse", type=boolean, default=False, metavar="BOOL",
+                   help="when the teacher collapses (uniform or one-hot, checked every --log_every steps), save "
+                        "the checkpoint and stop with exit status 3 instead of only warning")
     g.add_argument("--max_steps", type=NON_NEGATIVE, default=0,
                    help="stop this run after N steps (saving a checkpoint), as an interruption would; 0: off")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbones and heads")

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 import cmd
 from cmd import distributed as dist
 from cmd.checkpoint import CheckpointError, read_checkpoint
+from cmd.cli.collapse import COLLAPSE_EXIT_STATUS, CollapseStop, CollapseWatch
 from cmd.cli.common import build_data as _build_data
 from cmd.cli.common import cli_message, run_command
 from cmd.cli.loggers import StepLoggers, build_step_loggers, parse_logger_names
@@ -160,6 +161,7 @@ def build_network(
         image_input=args.image_input,
         norm_last_layer=args.norm_last_layer,
         share_prototypes=args.share_prototypes,
+        use_bn=args.head_bn,
         region_head=args.loss != "dino" and regions,
         region_output="embedding" if args.fused_region_chunk else "logits",
     )
@@ -281,12 +283,19 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
         student_temp=args.student_temp,
         center_momentum=args.center_momentum,
+        centering=args.centering,
+        koleo_weight=args.koleo_weight,
         fused_chunk_size=args.fused_region_chunk or None,
         **overrides,
     ).to(device)
     # ---- networks. The teacher's update is not checked on the host each step: FiniteGuard skips a
     # non-finite step on the device, so the student (and with it the teacher) stays finite.
     student = build_network(args, verbose=rank == 0, outputs=criterion.student_outputs).to(device)
+    if args.head_bn and dist.is_dist():  # batch statistics over the global batch (before the teacher copies it)
+        if device.type == "cuda":
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        elif rank == 0:  # torch's SyncBatchNorm runs on GPUs only
+            print("note: --head_bn on the CPU under torch.distributed: BatchNorm statistics per process")
     ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps,
                          check_finite=False)
     teacher = ema.teacher
@@ -410,6 +419,8 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     names = ["loss", *active, *_EXTRA_TERMS]
     guarded = len(active) + 1  # the loss and the active terms must be finite (the others are NaN when unused)
     guard = FiniteGuard(names[:guarded], device)
+    watch = CollapseWatch(criterion.out_dim, stop=args.stop_on_collapse, verbose=rank == 0,
+                          reduce_mean=(lambda *v: _mean_over_processes(*v, device=device)) if dist.is_dist() else None)
     summary: dict = {}
     try:
         for epoch in range(start_epoch, args.epochs):
@@ -419,6 +430,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             stats = EpochStats(names, device)
+            watch.new_epoch()
             if epoch_step:
                 stats.load_state_dict(history.get("partial"))
             t_log, step_logged = time.perf_counter(), step
@@ -460,13 +472,17 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                                    / max(now - t_log, 1e-9))
                     t_log, step_logged = now, step
                     step_log.log(step, scalars)
+                    watch.check(scalars, step)
                     if progress:
                         bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-                if should_stop():
+                if should_stop() or watch.stop_requested:
                     break
             guard.raise_if_bad()  # never save a checkpoint after a non-finite step
             elapsed = time.perf_counter() - t0
             epoch_done = epoch_step == iters_per_epoch
+            if watch.stop_requested:
+                _stop_on_collapse(args, history, stats, watch, epoch, epoch_done, epoch_step, step, elapsed, world, device,
+                                  lr_schedule, wd_schedule, ema, criterion, active, save, ckpt_path, log_path, rank)
             if not epoch_done:  # interrupted: the epoch's sums so far go into the checkpoint
                 history["partial"] = stats.state_dict(dist.all_reduce_sum, elapsed)
                 save(ckpt_path, epoch=epoch, epoch_step=epoch_step, step=step)
@@ -476,6 +492,8 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                 return {"interrupted": True, "step": step, **summary}
             record = _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule, wd_schedule,
                                    ema, criterion, active)
+            if watch.epoch_kind:
+                record["collapse"] = watch.epoch_kind
             last = epoch + 1 == args.epochs
             if not args.no_knn and ((args.knn_every and (epoch + 1) % args.knn_every == 0) or last):
                 record["knn_top1"] = knn_top1(teacher.backbone, args, device, args.knn_k)
@@ -508,7 +526,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
               f"after: {knn_history['after']:.2f} %")
     if args.viz and rank == 0:
         _save_visualisations(args, teacher, device, out_dir)
-    return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary}
+    return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary, "collapses": dict(watch.seen)}
 
 
 def _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule, wd_schedule, ema, criterion,
@@ -529,6 +547,38 @@ def _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule,
         "epoch_time_s": elapsed,
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
     }
+
+
+def _mean_over_processes(*values: float, device: torch.device) -> list[float]:
+    """The mean of host scalars over the processes (one collective on ``device``: NCCL needs a GPU tensor)."""
+    summed = dist.all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device))
+    return (summed / dist.world_size()).tolist()
+
+
+def _stop_on_collapse(args, history, stats, watch, epoch, done, epoch_step, step, elapsed, world, device, lr_schedule,
+                      wd_schedule, ema, criterion, active, save, ckpt_path, log_path, rank) -> None:
+    """``--stop_on_collapse``: save the checkpoint where training stands, log the epoch so far, raise `CollapseStop`.
+
+    The epoch's row in log.jsonl holds the means over the steps done (``"stopped_at_step"``) and
+    ``"collapse"``; a resumed run recomputes that epoch's row (the checkpoint holds its partial sums).
+    """
+    kind, at = watch.last
+    record = _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule, wd_schedule, ema,
+                           criterion, active)
+    record.update(collapse=kind, stopped_at_step=step)
+    if not done:
+        history["partial"] = stats.state_dict(dist.all_reduce_sum, elapsed)
+        save(ckpt_path, epoch=epoch, epoch_step=epoch_step, step=step)
+        rows = [*history["epochs"], record]
+    else:
+        history["epochs"].append(record)
+        history.pop("partial", None)
+        save(ckpt_path, epoch=epoch + 1, epoch_step=0, step=step)
+        rows = history["epochs"]
+    if rank == 0:
+        write_jsonl_atomic(log_path, rows)
+    raise CollapseStop(f"the teacher collapsed ({kind.replace('_', '-')}, diagnosed at step {at}) and "
+                       f"--stop_on_collapse is set: stopped at step {step}, checkpoint saved to {ckpt_path}")
 
 
 def _jsonable(values: dict) -> dict:
@@ -600,9 +650,11 @@ def _save_visualisations(args, teacher, device, out_dir: Path) -> list[Path]:
 def run(argv: list[str] | None = None) -> int:
     """The ``cmd-fgvc pretrain`` command: run `main`, return the process exit status.
 
-    2 for a non-finite loss, 1 for a failed save (a full disk: ENOSPC) or an unreadable checkpoint.
+    2 for a non-finite loss, 3 for a collapse under --stop_on_collapse (after saving), 1 for a failed
+    save (a full disk: ENOSPC) or an unreadable checkpoint.
     """
-    return run_command(main, argv, ((NonFiniteLossError, 2), (OSError, 1), (CheckpointError, 1)))
+    return run_command(main, argv, ((NonFiniteLossError, 2), (CollapseStop, COLLAPSE_EXIT_STATUS), (OSError, 1),
+                                    (CheckpointError, 1)))
 
 
 if __name__ == "__main__":

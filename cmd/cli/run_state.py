@@ -191,7 +191,7 @@ class FiniteGuard:
 
 # options whose change alters the networks' parameters (the checkpoint cannot load)
 MODEL_KEYS = ("arch", "backbone_kwargs", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "norm_last_layer",
-              "mil_pooling", "image_input", "share_prototypes", "loss")
+              "mil_pooling", "image_input", "share_prototypes", "head_bn", "loss")
 # options that decide which samples an epoch holds, in which order, and how many steps it has
 ORDER_KEYS = ("batch_size_per_gpu", "world_size", "seed", "dataset", "data_path", "synthetic_classes",
               "synthetic_per_class", "synthetic_image_size")

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "examples" / "quickstart.ipynb"
 KERNEL_NAME = "python3"
 
-# A few steps on tiny images with a one-block ViT: a couple of seconds of compute.
+# A few steps on tiny images with a one-block ViT: a couple of seconds of compute. The notebook's
+# other settings are the training program's defaults (read from cmd.cli.options).
 TINY = {
     "NUM_THREADS": 1,
     "N_CLASSES": 4,
@@ -29,9 +30,8 @@ TINY = {
     "GLOBAL_SIZE": 32,
     "LOCAL_SIZE": 16,
     "N_LOCAL": 2,
-    "DEPTH": 1,
-    "EMBED_DIM": 48,
-    "NUM_HEADS": 3,
+    "ARCH": "vit_tiny",
+    "BACKBONE_KWARGS": {"depth": 1, "embed_dim": 48, "num_heads": 3, "patch_size": 8},
     "OUT_DIM": 64,
     "HEAD_HIDDEN_DIM": 32,
     "HEAD_BOTTLENECK_DIM": 16,
@@ -54,8 +54,8 @@ def _settings_cell_index(nb) -> int:
     raise AssertionError(f"no code cell of {NOTEBOOK.name} defines all of {sorted(TINY)}")
 
 
-def _override_cell(expected_cmd: Path) -> nbformat.NotebookNode:
-    lines = [f"{name} = {value!r}" for name, value in TINY.items()]
+def _override_cell(expected_cmd: Path, output_dir: Path) -> nbformat.NotebookNode:
+    lines = [f"{name} = {value!r}" for name, value in {**TINY, "OUTPUT_DIR": str(output_dir)}.items()]
     lines += [
         "import sys as _sys",
         "from pathlib import Path as _Path",
@@ -91,7 +91,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert sum(c.cell_type == "markdown" for c in nb.cells) >= 5
 
     index = _settings_cell_index(nb)
-    nb.cells.insert(index + 1, _override_cell(REPO / "cmd" / "__init__.py"))
+    pictures = tmp_path / "pictures"
+    nb.cells.insert(index + 1, _override_cell(REPO / "cmd" / "__init__.py", pictures))
 
     jupyter_dir = tmp_path / "jupyter"
     _install_kernelspec(jupyter_dir)
@@ -123,11 +124,15 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert Path(kernel["prefix"]).resolve() == Path(sys.prefix).resolve()
 
     assert re.search(r"epoch 2/2\s+loss [0-9.]+", text), text[-2000:]
+    assert re.search(r"teacher k-NN top-1 before training: [0-9.]+ %, after: [0-9.]+ % \([+-][0-9.]+ points", text)
     assert re.search(r"knn_top1@5\s+[0-9.]+\s+[0-9.]+", text), text[-2000:]
+    assert "collapse diagnosis at the last step:" in text
     assert "uniform baseline" in text
     images = [
         out for cell in nb.cells if cell.cell_type == "code"
         for out in cell.outputs if "image/png" in out.get("data", {})
     ]
     assert len(images) >= 5, f"expected the notebook's figures inline, got {len(images)}"
-    assert (work / "region_weights.png").stat().st_size > 0
+    for picture in ("collapse_signals.png", "region_weights.png", "embedding.png"):
+        assert (pictures / picture).stat().st_size > 1000, picture
+    assert not any(work.iterdir()), f"the notebook wrote into its working directory: {list(work.iterdir())}"
