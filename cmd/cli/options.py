@@ -40,7 +40,7 @@ SYNTHETIC_DIFFICULTIES = ["hard", "easy", "demo"]  # cmd.data.synthetic.DIFFICUL
 # timm kwargs of the small backbones at crops <= 96 px (the CPU demo); --backbone_kwargs overrides them
 SMALL_CROP_BACKBONE_KWARGS: dict[str, dict] = {
     "vit_tiny": {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3},
-    "resnet18": {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16},
+    "resnet18": {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8},
 }
 
 
@@ -181,10 +181,10 @@ def _add_data(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--data_path", type=str, default=None, metavar="DIR",
                    help="dataset root (required for every --dataset but synthetic)")
     g.add_argument("--synthetic_classes", type=int_range(2), default=10, help="classes of the synthetic data")
-    g.add_argument("--synthetic_per_class", type=POSITIVE, default=40,
+    g.add_argument("--synthetic_per_class", type=POSITIVE, default=100,
                    help="synthetic images per class and split")
-    g.add_argument("--synthetic_image_size", type=int_range(16), default=64, help="side of the synthetic images")
-    g.add_argument("--synthetic_difficulty", default="hard", choices=SYNTHETIC_DIFFICULTIES,
+    g.add_argument("--synthetic_image_size", type=int_range(16), default=32, help="side of the synthetic images")
+    g.add_argument("--synthetic_difficulty", default="demo", choices=SYNTHETIC_DIFFICULTIES,
                    help="preset of the synthetic data (cmd.SyntheticFineGrained): hard = a 4 x 4-cell part on 20 %% "
                         "of the side (the method benchmark); easy = a 3 x 3-cell part on 40 %% of the side; demo = easy "
                         "without clutter, on a calm background (what self-supervision learns visibly on a CPU)")
@@ -204,11 +204,11 @@ def _add_weights_source(g: argparse._ArgumentGroup, *, evaluate: bool) -> None:
                        help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; default: the '
                             "checkpoint's training --backbone_kwargs, else {}")
     else:
-        g.add_argument("--arch", default="vit_tiny", help="backbone (timm name or alias: swin_tiny, vit_small, ...)")
+        g.add_argument("--arch", default="resnet18", help="backbone (timm name or alias: swin_tiny, vit_small, ...)")
         g.add_argument("--backbone_kwargs", type=json_object, default=None, metavar="JSON",
                        help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; default at '
                             "global crops <= 96 px: SMALL_CROP_BACKBONE_KWARGS (vit_tiny: depth 4, width 96, patch 8; "
-                            "resnet18: channels 16-32-64-128, stem 16, output stride 16), else {}")
+                            "resnet18: channels 16-32-64-128, stem 16, output stride 8), else {}")
 
 
 def build_pretrain_parser() -> CommandParser:
@@ -225,7 +225,7 @@ def build_pretrain_parser() -> CommandParser:
     g.add_argument("--init_key", type=str, default="teacher", help="key of the backbone weights in --init")
     g.add_argument("--init_partial", action="store_true",
                    help="start from the part of --init that fits the backbone (default: it must fit exactly)")
-    g.add_argument("--out_dim", type=POSITIVE, default=1024, help="K, prototypes of the heads (paper: 65536)")
+    g.add_argument("--out_dim", type=POSITIVE, default=128, help="K, prototypes of the heads (paper: 65536)")
     g.add_argument("--head_hidden_dim", type=POSITIVE, default=256, help="hidden width of the heads' MLP (paper: 2048)")
     g.add_argument("--head_bottleneck_dim", type=POSITIVE, default=64, help="bottleneck of the heads (paper: 256)")
     g.add_argument("--norm_last_layer", type=boolean, default=True, metavar="BOOL",
@@ -235,7 +235,7 @@ def build_pretrain_parser() -> CommandParser:
                    help="multi-instance pooling of the region tokens into a bag embedding")
     g.add_argument("--image_input", default="pooled", choices=["pooled", "mil"],
                    help="input of the image head: the backbone's pooled feature or the MIL bag embedding")
-    g.add_argument("--head_bn", type=boolean, default=False, metavar="BOOL",
+    g.add_argument("--head_bn", type=boolean, default=True, metavar="BOOL",
                    help="BatchNorm after the hidden layers of the heads' MLP (DINO's use_bn; SyncBatchNorm under "
                         "torch.distributed on GPUs, per-process statistics on the CPU); steadies the teacher against "
                         "collapse in short runs")
@@ -248,10 +248,10 @@ def build_pretrain_parser() -> CommandParser:
                        ("cross", "cross-level")):
         g.add_argument(f"--{term}_weight", type=NON_NEGATIVE_FLOAT, default=None,
                        help=f"weight of the {what} term (default: the --loss preset's)")
-    g.add_argument("--teacher_temp", type=POSITIVE_FLOAT, default=0.07, help="teacher temperature after warm-up")
-    g.add_argument("--warmup_teacher_temp", type=POSITIVE_FLOAT, default=0.04,
+    g.add_argument("--teacher_temp", type=POSITIVE_FLOAT, default=0.03, help="teacher temperature after warm-up")
+    g.add_argument("--warmup_teacher_temp", type=POSITIVE_FLOAT, default=0.03,
                    help="teacher temperature at the start of the warm-up")
-    g.add_argument("--warmup_teacher_temp_epochs", type=NON_NEGATIVE, default=30,
+    g.add_argument("--warmup_teacher_temp_epochs", type=NON_NEGATIVE, default=0,
                    help="epochs of linear teacher-temperature warm-up")
     g.add_argument("--student_temp", type=POSITIVE_FLOAT, default=0.1, help="student temperature")
     g.add_argument("--center_momentum", type=FRACTION, default=0.9, help="EMA momentum of the teacher centers, in [0, 1]")
@@ -263,23 +263,23 @@ def build_pretrain_parser() -> CommandParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=POSITIVE, default=10, help="training epochs")
     g.add_argument("--batch_size_per_gpu", type=POSITIVE, default=32, help="images per process and step")
-    g.add_argument("--lr", type=POSITIVE_FLOAT, default=5e-4, help="peak lr at a total batch of 256 (scaled linearly)")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, default=4e-3, help="peak lr at a total batch of 256 (scaled linearly)")
     g.add_argument("--min_lr", type=NON_NEGATIVE_FLOAT, default=1e-6, help="lr at the end of the cosine schedule")
-    g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=2, help="epochs of linear lr warm-up")
+    g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=1, help="epochs of linear lr warm-up")
     g.add_argument("--weight_decay", type=NON_NEGATIVE_FLOAT, default=0.04, help="weight decay at the start")
-    g.add_argument("--weight_decay_end", type=NON_NEGATIVE_FLOAT, default=0.4,
+    g.add_argument("--weight_decay_end", type=NON_NEGATIVE_FLOAT, default=0.04,
                    help="weight decay at the end of the cosine schedule")
-    g.add_argument("--momentum_teacher", type=FRACTION, default=0.996,
+    g.add_argument("--momentum_teacher", type=FRACTION, default=0.99,
                    help="EMA momentum of the teacher at the start (cosine to 1), in [0, 1]")
     g.add_argument("--clip_grad", type=NON_NEGATIVE_FLOAT, default=3.0, help="per-parameter clipping norm; 0 disables")
-    g.add_argument("--freeze_last_layer", type=NON_NEGATIVE, default=1,
+    g.add_argument("--freeze_last_layer", type=NON_NEGATIVE, default=0,
                    help="epochs during which the prototype layers get no gradient")
     g.add_argument("--amp", default="off", choices=["bf16", "fp16", "off", "auto"],
                    help="mixed precision (auto: bf16 where supported)")
     g = p.add_argument_group("data")
     _add_data(g)
-    g.add_argument("--global_size", type=POSITIVE, default=64, help="global crop size (paper: 224)")
-    g.add_argument("--local_size", type=POSITIVE, default=32, help="local crop size (paper: 96)")
+    g.add_argument("--global_size", type=POSITIVE, default=32, help="global crop size (paper: 224)")
+    g.add_argument("--local_size", type=POSITIVE, default=16, help="local crop size (paper: 96)")
     g.add_argument("--local_crops_number", type=NON_NEGATIVE, default=4, help="local crops per image (paper: 8)")
     g.add_argument("--global_crops_scale", type=CROP_SCALE, nargs=2, default=(0.4, 1.0), metavar=("MIN", "MAX"),
                    help="area range of the global crops, 0 < MIN <= MAX <= 1")

@@ -130,7 +130,7 @@ def test_device_cuda_without_gpu_says_so(capsys, parse):
 
 def test_defaults_parse():
     args = parse_pretrain_args([])
-    assert args.global_crops_scale == (0.4, 1.0) and args.backbone_kwargs["depth"] == 4
+    assert args.global_crops_scale == (0.4, 1.0) and args.backbone_kwargs["output_stride"] == 8
     ev = parse_evaluate_args(["knn"])
     assert ev.arch is None and ev.backbone_kwargs is None and ev.image_size is None  # filled from a checkpoint
 

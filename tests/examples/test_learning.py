@@ -18,29 +18,16 @@ from cmd.cli import pretrain
 
 # --------------------------------------------------------------------- the setting (one place)
 LEARNING_TEST_ARGS: dict[str, object] = {
-    "arch": "resnet18",
-    "synthetic_difficulty": "easy",
-    "synthetic_image_size": 32,
-    "global_size": 32,
-    "local_size": 16,
-    "local_crops_number": 4,
-    "out_dim": 128,
-    "head_bn": True,
-    "teacher_temp": 0.04,
-    "warmup_teacher_temp": 0.04,
-    "freeze_last_layer": 0,
-    "momentum_teacher": 0.996,
-    "loss": "dino",
-    "lr": 4e-3,  # x 32 / 256: an effective peak lr of 5e-4
-    "batch_size_per_gpu": 32,
+    # the demo's defaults (`cmd-fgvc pretrain` with no options: narrow ResNet-18, the "demo" synthetic
+    # data at 32 px, head BatchNorm, K = 128, ...), shortened to 2 epochs (62 steps)
     "epochs": 2,
     "seed": 0,
     "knn_k": 20,
 }
-# teacher k-NN top-1 after training minus before (percentage points). Measured with the setting above
-# (torch 2.14.1, CPU, deterministic): 14.00 -> 16.25 % (+2.25) in about 20 s. A thin margin (one test
-# image is 0.25 points): raise it with the final regime.
-MIN_KNN_GAIN = 2.0
+# teacher k-NN top-1 after training minus before (percentage points), measured with the setting
+# above (torch 2.14.1, CPU, deterministic): see MEASURED; one test image is 0.1 points.
+MEASURED = "47.80 -> 62.30 % (+14.5) in ~60 s"
+MIN_KNN_GAIN = 8.0
 # True marks the test xfail (strict=False) while a setting does not yet clear MIN_KNN_GAIN
 LEARNING_NOT_YET_CLEAR = False
 

@@ -21,7 +21,8 @@ SMALL = [
     "--synthetic_classes", "4", "--synthetic_per_class", "8", "--synthetic_image_size", "32",
     "--global_size", "32", "--local_size", "16", "--local_crops_number", "2", "--out_dim", "64",
     "--batch_size_per_gpu", "8", "--warmup_epochs", "1", "--no_progress", "--log_every", "1", "--num_workers", "0",
-    "--backbone_kwargs", '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}',
+    "--arch", "vit_tiny", "--backbone_kwargs", '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}',
+    "--head_bn", "false",  # per-process BatchNorm statistics would make 2 processes differ from 1
 ]
 
 
@@ -191,7 +192,7 @@ def test_fused_region_path_matches_plain_path(pretrain, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ --init (issue 15 item 2)
-_INIT_ARCH = ["--backbone_kwargs", '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}']
+_INIT_ARCH = ["--arch", "vit_tiny", "--backbone_kwargs", '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}']
 
 
 def _init_args(pretrain, init: Path, *extra: str):

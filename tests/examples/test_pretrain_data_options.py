@@ -19,12 +19,13 @@ def pretrain():
 
 
 def test_synthetic_difficulty_reaches_the_dataset(pretrain):
-    args = pretrain.parse_args(["--synthetic_difficulty", "easy", "--synthetic_classes", "3",
+    args = pretrain.parse_args(["--synthetic_difficulty", "easy", "--synthetic_image_size", "64", "--synthetic_classes", "3",
                                 "--synthetic_per_class", "2", "--synthetic_class_hue", "0.5"])
     data = pretrain.build_data(args, "train", None)
     assert (data.difficulty, data.code_side, data.class_hue) == ("easy", 3, 0.5)
     assert data.part_size == int(0.4 * 64)
-    hard = pretrain.build_data(pretrain.parse_args(["--synthetic_classes", "3", "--synthetic_per_class", "2"]),
+    hard = pretrain.build_data(pretrain.parse_args(["--synthetic_classes", "3", "--synthetic_per_class", "2",
+                                                    "--synthetic_difficulty", "hard", "--synthetic_image_size", "64"]),
                                "train", None)
     assert (hard.difficulty, hard.part_size, hard.class_hue) == ("hard", 12, 0.0)
 
@@ -32,8 +33,9 @@ def test_synthetic_difficulty_reaches_the_dataset(pretrain):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3}),
-        (["--arch", "resnet18"], {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 16}),
+        ([], {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8}),
+        (["--arch", "vit_tiny"], {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3}),
+        (["--arch", "resnet18"], {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8}),
         (["--arch", "resnet18", "--global_size", "224"], {}),
         (["--arch", "swin_tiny"], {}),
         (["--arch", "resnet18", "--backbone_kwargs", '{"output_stride": 32}'], {"output_stride": 32}),
@@ -51,4 +53,4 @@ def test_small_resnet_gives_pooled_vector_and_tokens(pretrain):
     args = pretrain.parse_args(["--arch", "resnet18"])
     backbone = cmd.create_backbone("resnet18", **args.backbone_kwargs)
     out = backbone(torch.randn(2, 3, 64, 64))
-    assert out.pooled.shape == (2, 128) and out.tokens.shape == (2, 16, 128) and out.grid == (4, 4)
+    assert out.pooled.shape == (2, 128) and out.tokens.shape == (2, 64, 128) and out.grid == (8, 8)
