@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cmd.cli.loggers import parse_logger_names
+
 __all__ = [
     "CommandParser",
     "build_evaluate_parser",
@@ -121,6 +123,15 @@ POSITIVE_FLOAT = float_range(0.0, low_open=True)
 NON_NEGATIVE_FLOAT = float_range(0.0)
 FRACTION = float_range(0.0, 1.0)  # momenta
 CROP_SCALE = float_range(0.0, 1.0, low_open=True)
+
+
+def logger_list(text: str) -> str:
+    """``--logger``: a comma-separated list of `cmd.cli.loggers.LOGGER_CHOICES` (kept as given)."""
+    try:
+        parse_logger_names(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -316,7 +327,7 @@ def build_pretrain_parser() -> CommandParser:
                    help="at the end, save training curves, region-weight overlays across classes and an "
                         "embedding plot of the teacher's features")
     g.add_argument("--no_progress", action="store_true", help="no progress bars (one summary line per epoch)")
-    g.add_argument("--logger", default="csv",
+    g.add_argument("--logger", type=logger_list, default="csv",
                    help="per-step scalars (loss terms, schedules, teacher entropies, throughput) at the --log_every "
                         "cadence: comma-separated csv (output_dir/steps.csv), tensorboard (output_dir/tensorboard; "
                         "pip install 'cmd-fgvc[tracking]'), none")

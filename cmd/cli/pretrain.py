@@ -46,7 +46,7 @@ from cmd.checkpoint import CheckpointError, read_checkpoint
 from cmd.cli.collapse import COLLAPSE_EXIT_STATUS, CollapseStop, CollapseWatch
 from cmd.cli.common import build_data as _build_data
 from cmd.cli.common import cli_message, run_command
-from cmd.cli.loggers import StepLoggers, build_step_loggers, parse_logger_names
+from cmd.cli.loggers import StepLoggers, build_step_loggers
 from cmd.cli.options import build_pretrain_parser, parse_pretrain_args
 from cmd.cli.output_lock import OutputLock, OutputLockedError
 from cmd.cli.run_state import (
@@ -199,14 +199,6 @@ _EXTRA_TERMS = ("inter_teacher", "teacher_entropy", "teacher_batch_entropy", "te
                 "teacher_student_kl")
 
 
-def _validate_run_options(args: argparse.Namespace) -> None:
-    """Range checks of the options this program added for its bookkeeping (SystemExit naming them)."""
-    try:
-        parse_logger_names(args.logger)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
 def _check_data(args: argparse.Namespace) -> Dataset:
     """The training set (and, with the k-NN monitor, the test split): fails before anything is written."""
     try:
@@ -220,7 +212,6 @@ def _check_data(args: argparse.Namespace) -> Dataset:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    _validate_run_options(args)
     dist.init_distributed_from_env()
     rank, world = dist.rank(), dist.world_size()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
