@@ -20,14 +20,8 @@ import pytest
 import torch
 
 from cmd.cli import pretrain
+from tests.examples.test_pretrain import SMALL  # 4 steps per epoch
 
-SMALL = [
-    "--synthetic_classes", "4", "--synthetic_per_class", "8", "--synthetic_image_size", "32",
-    "--global_size", "32", "--local_size", "16", "--local_crops_number", "2", "--out_dim", "64",
-    "--batch_size_per_gpu", "8", "--warmup_epochs", "1", "--no_progress", "--log_every", "1", "--num_workers", "0",
-    "--arch", "vit_tiny", "--backbone_kwargs", '{"depth": 2, "patch_size": 8, "embed_dim": 48, "num_heads": 3}',
-    "--head_bn", "false",  # per-process BatchNorm statistics would make 2 processes differ from 1
-]  # 4 steps per epoch
 TIMINGS = {"images_per_s", "epoch_time_s", "peak_memory_mb"}
 
 
