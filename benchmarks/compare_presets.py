@@ -2,7 +2,9 @@
 
 Every contender is trained by the pretraining program (`cmd.cli.pretrain`, the same code as
 ``cmd-fgvc pretrain``) from the same seeds, with the same data, crops, backbone, heads and schedule;
-only ``--loss`` (and, for ``cmd-mean``, ``--mil_pooling mean``) differ. Each (contender, seed) run
+only ``--loss`` (and, for ``cmd-mean``, ``--mil_pooling mean``) differ. ``cmd-sinkhorn`` (DINOv2's
+Sinkhorn-Knopp normalisation of the teacher instead of centering) and ``cmd-koleo`` (the KoLeo term,
+weight 0.1) measure the anti-collapse alternatives on the cmd preset. Each (contender, seed) run
 reports, for the teacher:
 
 - k-NN top-1 (%) before and after training (train split as memory, test split as queries);
@@ -47,7 +49,11 @@ CONTENDERS: dict[str, list[str]] = {
     "esvit": ["--loss", "esvit"],
     "cmd": ["--loss", "cmd", "--mil_pooling", "gated_attention"],
     "cmd-mean": ["--loss", "cmd", "--mil_pooling", "mean"],
+    # the anti-collapse alternatives to DINO's centering, on the cmd preset
+    "cmd-sinkhorn": ["--loss", "cmd", "--mil_pooling", "gated_attention", "--centering", "sinkhorn"],
+    "cmd-koleo": ["--loss", "cmd", "--mil_pooling", "gated_attention", "--koleo_weight", "0.1"],
 }
+DEFAULT_CONTENDERS = ("dino", "esvit", "cmd", "cmd-mean")  # the method comparison; the others on request
 METRICS = ("knn_before", "knn_after", "map100", "part_mass", "uniform_mass", "teacher_entropy",
            "teacher_batch_entropy", "train_time_s")
 # --smoke: a few steps on tiny data (the smoke test of tests/test_benchmarks_smoke.py)
@@ -102,8 +108,21 @@ def map_at_100(net: cmd.CMDNetwork, args: argparse.Namespace) -> float:
 
 
 def run_one(name: str, seed: int, base: list[str], work_dir: Path) -> dict:
+    """Train and measure one (contender, seed); a finished run with the same options is read back, not redone.
+
+    The row is cached in ``WORK_DIR/NAME_seedS/compare_row.json`` with the options that made it, so
+    several processes can each run some contenders (``--contenders``) and a last call with all of them
+    prints the whole table without training again.
+    """
     out_dir = work_dir / f"{name}_seed{seed}"
     argv = [*base, *CONTENDERS[name], "--seed", str(seed), "--output_dir", str(out_dir), "--no_progress"]
+    cache = out_dir / "compare_row.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("argv") == argv:
+            return cached["row"]
+        raise SystemExit(f"{out_dir} holds a run with other options ({cached.get('argv')}); "
+                         "remove it or choose another --work_dir")
     t0 = time.perf_counter()
     result = pretrain.main(argv)
     elapsed = time.perf_counter() - t0
@@ -111,13 +130,17 @@ def run_one(name: str, seed: int, base: list[str], work_dir: Path) -> dict:
     net = _teacher(args, out_dir)
     mass, uniform = part_mass(net, args)
     last = json.loads((out_dir / "log.jsonl").read_text().splitlines()[-1])
-    return {
+    row = {
         "contender": name, "seed": seed, "knn_before": result["knn"].get("before"), "knn_after": result["knn"]["after"],
         "map100": map_at_100(net, args), "part_mass": mass, "uniform_mass": uniform,
         "teacher_entropy": last.get("teacher_entropy"), "teacher_batch_entropy": last.get("teacher_batch_entropy"),
         "log_k": math.log(args.out_dim), "collapse": sorted(result.get("collapses", {})),
         "train_time_s": elapsed,
     }
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"argv": argv, "row": row}, indent=2))
+    tmp.replace(cache)
+    return row
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -158,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--setting", choices=["demo", "hard"], default="demo",
                         help="demo: the program's defaults; hard: --synthetic_difficulty hard, longer budget")
-    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS),
-                        help="what to compare")
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(DEFAULT_CONTENDERS),
+                        help="what to compare (cmd-sinkhorn and cmd-koleo: the anti-collapse alternatives)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per contender")
     parser.add_argument("--epochs", type=int, default=None,
                         help="training epochs (default: the program's for demo, 3x that for hard)")

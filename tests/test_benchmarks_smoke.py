@@ -69,3 +69,13 @@ def test_compare_presets_smoke(tmp_path):
             assert entry[key] is not None and entry[f"{key}_std"] == 0.0, key
         assert 0 < entry["uniform_mass"] < 1 and 0 <= entry["map100"] <= 100
     assert "mAP@100" in result.stdout and "cmd-mean" in result.stdout
+    # a finished run is read back, not trained again (the same row, training time included) ...
+    again = tmp_path / "again.json"
+    _run("compare_presets.py", "--smoke", "--seeds", "1", "--epochs", "1", "--work_dir", str(tmp_path / "runs"),
+         "--out", str(again), "--contenders", "cmd")
+    assert json.loads(again.read_text())["runs"] == [r for r in data["runs"] if r["contender"] == "cmd"]
+    # ... and a folder holding a run with other options is refused, not mixed into the table
+    refused = subprocess.run([sys.executable, str(BENCH / "compare_presets.py"), "--smoke", "--seeds", "1",
+                              "--epochs", "2", "--work_dir", str(tmp_path / "runs"), "--contenders", "cmd"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "holds a run with other options" in refused.stderr
