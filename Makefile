@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cmd-fgvc pretrain --knn_every 1
+	$(VENV)/bin/cmd-fgvc pretrain --knn_every 1 --supervised_reference
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cmd tests examples benchmarks _hook

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader
 import cmd
 from cmd.cli import pretrain
 from cmd.cli.options import build_pretrain_parser
+from cmd.cli.run_state import write_json_atomic
 
 CONTENDERS: dict[str, list[str]] = {
     "dino": ["--loss", "dino"],
@@ -137,9 +138,7 @@ def run_one(name: str, seed: int, base: list[str], work_dir: Path) -> dict:
         "log_k": math.log(args.out_dim), "collapse": sorted(result.get("collapses", {})),
         "train_time_s": elapsed,
     }
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"argv": argv, "row": row}, indent=2))
-    tmp.replace(cache)
+    write_json_atomic(cache, {"argv": argv, "row": row})
     return row
 
 

@@ -74,6 +74,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "LinearProbe": "eval",
     "train_linear_probe": "eval",
     "part_weight_mass": "eval",
+    "train_supervised": "eval",
 }
 
 _SUBMODULES = (
@@ -135,6 +136,7 @@ if _TYPE_CHECKING:  # pragma: no cover - for static analysers only
         part_weight_mass,
         retrieval_metrics,
         train_linear_probe,
+        train_supervised,
     )
     from cmd.heads import CrossLevelHead, CrossLevelOutput, DINOHead, cancel_last_layer_gradients
     from cmd.losses import Center, CMDLoss, CMDLossOutput, DINOLoss, diagnose_collapse, koleo, sinkhorn_knopp

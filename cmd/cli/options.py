@@ -313,6 +313,10 @@ def build_pretrain_parser() -> CommandParser:
     g.add_argument("--knn_k", type=POSITIVE, default=20, help="k of the k-NN monitor")
     g.add_argument("--no_knn", action="store_true",
                    help="skip the k-NN monitor (needed when the dataset has no test split)")
+    g.add_argument("--supervised_reference", action="store_true",
+                   help="after training, train the same backbone from the same initial weights with labels for "
+                        "as many steps (one global crop per image, the same lr schedule), and print its k-NN beside "
+                        "the teacher's: what labels reach in this budget (one process only; needs the k-NN monitor)")
     g.add_argument("--log_every", type=POSITIVE, default=10, help="read the loss on the host every N steps")
     g.add_argument("--stop_on_collapse", type=boolean, default=False, metavar="BOOL",
                    help="when the teacher collapses (uniform or one-hot, checked every --log_every steps), save "
@@ -547,6 +551,8 @@ def parse_pretrain_args(argv: Sequence[str] | None = None) -> argparse.Namespace
     if args.dataset == "imagefolder" and not args.no_knn and not (Path(args.data_path) / "test").is_dir():
         parser.error(f"argument --data_path: {args.data_path} has no test/ folder, which the k-NN monitor needs: "
                      "pass --no_knn, or lay out DATA/train/<class>/<image> and DATA/test/<class>/<image>")
+    if args.supervised_reference and args.no_knn:
+        parser.error("argument --supervised_reference: compares k-NN top-1, which --no_knn turns off")
     _check_device(parser, args.device)
     if args.backbone_kwargs is None:
         small = SMALL_CROP_BACKBONE_KWARGS.get(args.arch, {}) if args.global_size <= 96 else {}

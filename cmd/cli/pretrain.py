@@ -58,6 +58,7 @@ from cmd.cli.run_state import (
     format_epoch_line,
     ignore_termination_signals,
     resume_plan,
+    write_json_atomic,
     write_jsonl_atomic,
 )
 
@@ -213,6 +214,8 @@ def _check_data(args: argparse.Namespace) -> Dataset:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dist.init_distributed_from_env()
+    if args.supervised_reference and dist.is_dist():
+        raise SystemExit("error: --supervised_reference runs in one process; run it without torchrun")
     rank, world = dist.rank(), dist.world_size()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and dist.is_dist():
@@ -515,9 +518,60 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     if not args.no_knn and rank == 0:
         print(f"teacher k-NN top-1 before training: {knn_history.get('before', float('nan')):.2f} %, "
               f"after: {knn_history['after']:.2f} %")
+    reference = None
+    if args.supervised_reference:  # one process only (checked in main)
+        reference = supervised_reference(args, device, total_steps, iters_per_epoch, knn_history)
+        write_json_atomic(out_dir / "supervised_reference.json", reference)
     if args.viz and rank == 0:
         _save_visualisations(args, teacher, device, out_dir)
-    return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary, "collapses": dict(watch.seen)}
+    return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary, "collapses": dict(watch.seen),
+            **({"supervised_reference": reference} if reference is not None else {})}
+
+
+class _OneCrop:
+    """One global crop of a `MultiCropAugmentation` (n_global=1, n_local=0) as a tensor [3, H, W]."""
+
+    def __init__(self, augmentation: cmd.MultiCropAugmentation) -> None:
+        self.augmentation = augmentation
+
+    def __call__(self, image):
+        return self.augmentation(image)[0]
+
+
+def supervised_reference(args: argparse.Namespace, device: torch.device, steps: int, iters_per_epoch: int,
+                         knn: dict) -> dict:
+    """What labels reach with the same backbone, initial weights, steps and lr schedule (--supervised_reference).
+
+    The backbone is built as the student's was (same seed, same ``--init``) and trained end to end
+    with a linear classifier (`cmd.eval.train_supervised`) on one global crop per training image
+    (the run's global-crop augmentation), for as many steps as the self-supervised run took; then
+    the k-NN monitor runs on it. Prints and returns its k-NN top-1 with the fraction of the gap
+    from random init to it that the self-supervised teacher closed.
+    """
+    torch.manual_seed(args.seed)  # the student's initial weights
+    backbone = build_network(args).backbone.to(device)
+    one_crop = _OneCrop(cmd.MultiCropAugmentation(global_size=args.global_size, local_size=args.local_size,
+                                                  n_global=1, n_local=0, global_scale=tuple(args.global_crops_scale)))
+    data = build_data(args, "train", one_crop)
+    num_classes = len(data.classes) if hasattr(data, "classes") else int(max(data.targets)) + 1
+    loader = DataLoader(data, batch_size=args.batch_size_per_gpu, shuffle=True, drop_last=True,
+                        num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
+                        worker_init_fn=ignore_termination_signals if args.num_workers else None)
+    result = cmd.eval.train_supervised(
+        backbone, loader, num_classes, steps=steps, lr=cmd.scale_lr(args.lr, args.batch_size_per_gpu),
+        min_lr=args.min_lr, weight_decay=args.weight_decay,
+        warmup_steps=min(args.warmup_epochs, args.epochs) * iters_per_epoch, device=device, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    top1 = knn_top1(backbone, args, device, args.knn_k)
+    closed = cmd.eval.gap_closed(knn["before"], knn["after"], top1)
+    print(f"supervised reference (the same backbone and initial weights, {result.steps} steps with labels, "
+          f"{result.time_s:.0f} s): k-NN top-1 {top1:.2f} %; the self-supervised teacher closed "
+          + (f"{100 * closed:.0f} %" if math.isfinite(closed) else "- (no gap)")
+          + f" of the gap from random init ({knn['before']:.2f} -> {knn['after']:.2f} of {top1:.2f} %)")
+    return {"knn_top1": top1, "knn_before": knn["before"], "knn_after": knn["after"],
+            "gap_closed": closed if math.isfinite(closed) else None, "steps": result.steps,
+            "train_top1": result.train_top1, "final_loss": result.final_loss, "time_s": result.time_s}
 
 
 def _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule, wd_schedule, ema, criterion,

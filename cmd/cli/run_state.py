@@ -61,6 +61,13 @@ def write_jsonl_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Replace ``path`` by ``value`` as indented JSON (temporary file + ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def append_args_history(path: Path, args: Mapping[str, Any], *, resumed_at: Mapping[str, int] | None) -> None:
     """Append this run's options to ``args.json``, a list of runs (an older single dict becomes the first)."""
     runs: list = []

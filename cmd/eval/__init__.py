@@ -1,4 +1,5 @@
-"""Evaluation on frozen features: extraction, k-NN, linear probing, retrieval, part localisation.
+"""Evaluation on frozen features: extraction, k-NN, linear probing, retrieval, part localisation;
+and the supervised reference of a backbone (what labels reach in the same budget).
 
 ``eval`` knows backbones only through a callable: [`extract_features`][cmd.eval.extract_features] runs ``model(images)``
 (or a ``forward(model, images)`` of your choice) over a loader, and the evaluators work on the
@@ -20,6 +21,7 @@ from .linear import LinearProbe, probe_accuracy, train_linear_probe
 from .localisation import part_token_mask, part_weight_mass
 from .retrieval import average_precision, fine_grained_retrieval_split, retrieval_metrics
 from .search import InnerProductSearch, choose_backend
+from .supervised import SupervisedResult, gap_closed, train_supervised
 
 __all__ = [
     "extract_features",
@@ -36,4 +38,7 @@ __all__ = [
     "average_precision",
     "InnerProductSearch",
     "choose_backend",
+    "train_supervised",
+    "SupervisedResult",
+    "gap_closed",
 ]
