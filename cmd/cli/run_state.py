@@ -54,18 +54,21 @@ def ignore_termination_signals(_worker_id: int = 0) -> None:
 # ----------------------------------------------------------------------------------------- logs
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically (temporary file + ``os.replace``)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_jsonl_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Replace ``path`` by one JSON object per row (temporary file + ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
-    os.replace(tmp, path)
+    _replace_text(path, "".join(json.dumps(dict(r)) + "\n" for r in rows))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
     """Replace ``path`` by ``value`` as indented JSON (temporary file + ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    _replace_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def append_args_history(path: Path, args: Mapping[str, Any], *, resumed_at: Mapping[str, int] | None) -> None:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..schedules import cosine_schedule
 from .features import _as_features, _default_device, _split_batch
+from .linear import LinearProbe
 
 __all__ = ["SupervisedResult", "train_supervised", "gap_closed"]
 
@@ -86,7 +87,7 @@ def train_supervised(
         weight_decay: AdamW weight decay (>= 0).
         warmup_steps: linear warm-up steps, ``0 <= warmup_steps <= steps``.
         device: where to train (default: the backbone's device).
-        seed: seed of the classifier's initial weights.
+        seed: seed of the classifier's initial weights (a [`LinearProbe`][cmd.eval.LinearProbe]).
         progress: a tqdm bar over the steps.
 
     Returns:
@@ -109,7 +110,7 @@ def train_supervised(
     device = torch.device(device) if device is not None else _default_device(backbone)
     backbone.to(device)
 
-    classifier: nn.Linear | None = None  # built on the first batch, when D is known
+    classifier: LinearProbe | None = None  # built on the first batch, when D is known
     optimizer: torch.optim.Optimizer | None = None
     # per-step lr: warm-up then cosine (the schedule helper works in epochs; here one "epoch" is a step)
     lr_schedule = cosine_schedule(lr, min_lr, epochs=steps, iters_per_epoch=1, warmup_epochs=warmup_steps)
@@ -129,11 +130,7 @@ def train_supervised(
                                  f"[{int(labels.min())}, {int(labels.max())}]")
             features = _as_features(backbone(images.to(device)), images.shape[0])
             if classifier is None:
-                classifier = nn.Linear(features.shape[1], num_classes).to(device)
-                generator = torch.Generator().manual_seed(seed)
-                with torch.no_grad():
-                    classifier.weight.copy_(torch.randn(classifier.weight.shape, generator=generator) * 0.01)
-                    classifier.bias.zero_()
+                classifier = LinearProbe(features.shape[1], num_classes, seed=seed).to(device)
                 params = [p for p in backbone.parameters() if p.requires_grad] + list(classifier.parameters())
                 optimizer = torch.optim.AdamW(params, lr=float(lr_schedule[0]), weight_decay=weight_decay)
             assert optimizer is not None
