@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmd._integrity import corrupt_member, is_raw_pickle, mismatched_tensors, tensor_checksums
+from cmd._integrity import check_loaded, corrupt_member, is_raw_pickle, tensor_checksums
 from cmd._unwrap import unwrap_model
 from cmd.teacher import EMATeacher
 
@@ -377,11 +377,14 @@ def read_checkpoint(
 ) -> dict[str, Any]:
     """Load a cmd-fgvc checkpoint as a dict, without applying it.
 
-    The CRC-32 that the zip format of ``torch.save`` keeps for every member is checked first (one
-    read of the file), and when a member is damaged the tensors are compared with the checksums
-    stored by `save_checkpoint` to name the corrupted entry (e.g. ``student['head.weight']``).
-    Checkpoints written before checksums were stored still load (their members' CRC-32 is checked,
-    and a damaged one is named by its member).
+    Every tensor is compared with the checksum `save_checkpoint` stored for it, on every load: a
+    corrupted tensor, or one whose data was replaced (e.g. by another checkpoint's, in a zip re-written
+    with valid CRC-32s), is refused, naming the entry (e.g. ``student['head.weight']``). The CRC-32
+    that the zip format keeps for every member is checked too (for the tensor data only when a
+    checksum is missing or differs: the checksums cover it). Checkpoints written before checksums
+    were stored still load (every member's CRC-32 is checked, and a damaged one is named by its
+    member). The verification costs about as much as the load itself (one CRC-32 over the weights;
+    numbers in ``docs/blocks/checkpoints.md``).
 
     Args:
         path: the checkpoint file.
@@ -403,21 +406,20 @@ def read_checkpoint(
             f"loading {path} with weights_only=False: unpickling can run arbitrary code; only for files you trust",
             stacklevel=2,
         )
-    damaged = corrupt_member(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
+        damaged = corrupt_member(path)
         if damaged is not None:
             raise CheckpointError(f"checkpoint {path} is corrupted: zip member {damaged} is damaged") from e
         foreign = _foreign_format(path) if "argparse.Namespace" in str(e) else None
         if foreign is not None:
             raise CheckpointError(_not_ours(path, foreign)) from e
         raise _load_error(path, e) from e
-    if damaged is not None:
-        entries = mismatched_tensors(ckpt, ckpt.get("checksums")) if isinstance(ckpt, dict) else []
-        where = f"corrupted entries {_listing(entries)} (" if entries else "("
+    damage = check_loaded(path, ckpt)  # stored per-tensor checksums, zip CRC-32s
+    if damage is not None:
         raise CheckpointError(
-            f"checkpoint {path} is corrupted: {where}zip member {damaged} fails its CRC-32 check); "
+            f"checkpoint {path} is corrupted: {damage.describe(_MAX_LISTED)}; "
             "restore it from a copy or an earlier checkpoint"
         )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -86,7 +86,7 @@ def test_a_flip_in_tensor_data_names_the_entry(good_checkpoint, tmp_path):
             read_checkpoint(bad)
         with pytest.raises(CheckpointError, match="corrupted"):
             restore_checkpoint(bad, student=torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64)))
-        with pytest.raises(RuntimeError, match=r"corrupted \(entries \[\"student\['0\.weight'\]\"\]"):
+        with pytest.raises(RuntimeError, match=r"corrupted: corrupted entries \[student\['0\.weight'\]\]"):
             read_checkpoint_file(bad)
 
 
@@ -100,6 +100,53 @@ def test_checkpoints_without_checksums_still_load_and_are_still_checked(tmp_path
     old.write_bytes(bytes(flipped))
     with pytest.raises(CheckpointError, match=r"old\.pt is corrupted: \(zip member old/data/0 fails its CRC-32"):
         read_checkpoint(old)
+
+
+def _swap_tensor_data(target, donor, tensor, out) -> str:
+    """``target`` with the zip member holding ``tensor`` replaced by ``donor``'s, re-written with valid CRC-32s."""
+    with zipfile.ZipFile(target) as a, zipfile.ZipFile(donor) as b, zipfile.ZipFile(out, "w") as new:
+        wanted = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        member = next(n for n in a.namelist() if "/data/" in n and a.read(n) == wanted)
+        for info in a.infolist():
+            donor_name = b.namelist()[0].split("/")[0] + "/" + info.filename.split("/", 1)[1]
+            data = b.read(donor_name) if info.filename == member else a.read(info)
+            new.writestr(info.filename, data, compress_type=zipfile.ZIP_STORED)
+    return member
+
+
+def test_a_tensor_swapped_between_checkpoints_is_refused_naming_the_entry(tmp_path):
+    """Issue 24 item 2: the swapped file passed every zip CRC-32 and used to load (evaluate knn exited 0)."""
+    from cmd.backbones import create_backbone, load_checkpoint
+
+    def network(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16))
+
+    a = save_checkpoint(tmp_path / "a.pt", student=network(0), epoch=1)
+    b = save_checkpoint(tmp_path / "b.pt", student=network(1), epoch=1)
+    swapped = tmp_path / "swapped.pt"
+    weight = torch.load(a, weights_only=True)["student"]["0.weight"]
+    _swap_tensor_data(a, b, weight, swapped)
+    loaded = torch.load(swapped, weights_only=True)  # a valid zip: torch.load itself accepts it
+    assert not torch.equal(loaded["student"]["0.weight"], weight)
+    with zipfile.ZipFile(swapped) as archive:
+        assert archive.testzip() is None  # every CRC-32 is valid
+    entry = r"corrupted entries \[student\['0\.weight'\]\] \(.*data was replaced"
+    with pytest.raises(CheckpointError, match=rf"swapped\.pt is corrupted: {entry}"):
+        read_checkpoint(swapped)
+    with pytest.raises(CheckpointError, match=entry):
+        restore_checkpoint(swapped, student=network(2))
+    with pytest.raises(RuntimeError, match=rf"swapped\.pt.*corrupted: {entry}"):
+        read_checkpoint_file(swapped)  # what `evaluate` and cmd.load_checkpoint read files with
+    # the same through a backbone checkpoint, as `cmd-fgvc evaluate knn` reads it
+    bb = create_backbone("vit_tiny", depth=1, embed_dim=16, num_heads=1, img_size=32)
+    good = save_checkpoint(tmp_path / "bb.pt", teacher={f"backbone.model.{k}": v for k, v in bb.model.state_dict().items()})
+    other = save_checkpoint(tmp_path / "bb2.pt", teacher={
+        f"backbone.model.{k}": v + 1 for k, v in bb.model.state_dict().items()})
+    _swap_tensor_data(good, other, bb.model.state_dict()["cls_token"], tmp_path / "bb_swapped.pt")
+    with pytest.raises(RuntimeError, match=r"corrupted entries \[teacher\['backbone\.model\.cls_token'\]\]"):
+        load_checkpoint(bb, tmp_path / "bb_swapped.pt")
+    assert load_checkpoint(bb, good).ok  # the intact files load
 
 
 @pytest.mark.parametrize("failing", ["write", "fsync"])

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from cmd._integrity import corrupt_member, is_raw_pickle, mismatched_tensors
+from cmd._integrity import check_loaded, corrupt_member, is_raw_pickle
 
 from .backbone import Backbone
 
@@ -138,7 +138,9 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
     Raises:
         FileNotFoundError: no such file.
         RuntimeError: the file is truncated or corrupted (a ``torch.save`` zip member whose CRC-32 fails
-            is named, with the tensor entry when the file stores checksums), or holds pickled objects
+            is named; in a file that stores per-tensor checksums, as `cmd.save_checkpoint` writes, every
+            tensor is verified on every read and one that differs is named, even when its data was
+            replaced in a zip re-written with valid CRC-32s), or holds pickled objects
             (or is a raw ``pickle.dump`` file) and ``trust_pickle`` is False.
     """
     path = os.fspath(path)
@@ -161,11 +163,11 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
         loader = {"weights_only": False}
     else:
         loader = {"weights_only": True}
-    damaged = corrupt_member(path)  # torch.load does not check the zip's CRC-32s
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", **loader)
     except pickle.UnpicklingError as err:
+        damaged = corrupt_member(path)  # torch.load does not check the zip's CRC-32s
         found = re.search(r"GLOBAL (\S+)", str(err))
         if found is not None and damaged is None:
             raise RuntimeError(
@@ -184,13 +186,9 @@ def read_checkpoint_file(path: str | os.PathLike[str], *, trust_pickle: bool = F
         raise RuntimeError(
             f"could not read checkpoint file {path!r}: truncated or corrupted ({_first_line(err)})"
         ) from err
-    if damaged is not None:
-        entries = mismatched_tensors(obj, obj.get("checksums")) if isinstance(obj, dict) else []
-        raise RuntimeError(
-            f"could not read checkpoint file {path!r}: corrupted ("
-            + (f"entries {entries[:_SHOWN]}, " if entries else "")
-            + f"zip member {damaged} fails its CRC-32 check)"
-        )
+    damage = check_loaded(path, obj)  # stored per-tensor checksums (cmd-fgvc files), zip CRC-32s
+    if damage is not None:
+        raise RuntimeError(f"could not read checkpoint file {path!r}: corrupted: {damage.describe(_SHOWN)}")
     return obj
 
 
