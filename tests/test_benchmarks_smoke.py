@@ -79,3 +79,12 @@ def test_compare_presets_smoke(tmp_path):
                               "--epochs", "2", "--work_dir", str(tmp_path / "runs"), "--contenders", "cmd"],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "holds a run with other options" in refused.stderr
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_verify_smoke(tmp_path):
+    out = tmp_path / "verify.json"
+    result = _run("bench_checkpoint_verify.py", "--mib", "2", "--repeats", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert {"torch.load", "read_checkpoint (now)", "tensor checksums"} <= set(data["seconds"])
+    assert "verification overhead now" in result.stdout
