@@ -5,8 +5,9 @@ Recognised sources (a path or an in-memory dict), `LoadReport.source_format` in 
 * this library's training checkpoints ``{"format": "cmd-fgvc", "format_version": 1, "student": ...,
   "teacher": ..., ...}`` whose networks have keys ``backbone.model.<timm key>`` and ``head.<...>``
   [``"cmd-fgvc"``];
-* DINO checkpoints ``{"teacher": ..., "student": ...}`` with ``module.`` / ``backbone.`` prefixes, the
-  DINO head (``head.*``) dropped [``"dino"``];
+* DINO checkpoints ``{"teacher": ..., "student": ...}`` holding the state dict of DINO's
+  ``MultiCropWrapper`` (``backbone.*`` keys, possibly behind ``module.``), the DINO head (``head.*``)
+  dropped [``"dino"``]; a plain timm state dict under ``"teacher"`` is ``"timm"``;
 * EsViT and CMD Swin checkpoints in the original Swin layout (patch merging at the *end* of stage i,
   ``layers.{i}.downsample``; timm puts it at the *start* of stage i + 1), with or without a
   ``backbone.`` prefix, heads ``head.*`` / ``head_dense.*`` dropped; converted by timm's own
@@ -18,10 +19,15 @@ Recognised sources (a path or an in-memory dict), `LoadReport.source_format` in 
 * plain timm state dicts, bare or under ``"state_dict"`` / ``"model"``, classifier heads dropped
   [``"timm"``].
 
-`LoadReport.suggested_numerics` names the numerics that match the source: ``"esvit"`` for EsViT/CMD
-Swin checkpoints, ``"dino"`` for DINO ViT checkpoints, the stored ``"backbone_numerics"`` entry of a
-cmd-fgvc checkpoint, else ``"timm"``. `cmd.backbones.create_backbone` applies it; `load_checkpoint` on
-an existing backbone only reports it (``backbone.set_numerics(...)`` switches).
+`LoadReport.suggested_numerics` names the numerics that match the source: the stored
+``"backbone_numerics"`` entry of a cmd-fgvc checkpoint (or of a wrapped `export_checkpoint` file),
+``"esvit"`` for EsViT/CMD Swin checkpoints, ``"dino"`` for DINO ViT checkpoints, else ``"timm"``. A
+stored value that is not one of ``"timm"``, ``"esvit"``, ``"dino"`` is never taken for ``"timm"``:
+`cmd.backbones.create_backbone` refuses it (unless ``numerics=`` is given), `load_checkpoint` warns.
+`create_backbone` applies the suggested numerics; `load_checkpoint` on an existing backbone keeps the
+backbone's, and warns when the source implies others (``backbone.set_numerics(...)`` switches).
+`export_checkpoint` records the numerics in a wrapped file and warns when a bare state dict cannot
+carry them (a reload would compute other numerics).
 
 Prefixes ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) are removed wherever they lead a key.
 Files are read with ``torch.load(..., map_location="cpu", weights_only=True)`` (``argparse.Namespace``
@@ -50,11 +56,18 @@ from .backbone import Backbone
 __all__ = ["LoadReport", "load_checkpoint", "export_checkpoint", "read_checkpoint_file"]
 
 FORMAT_NAME = "cmd-fgvc"
+#: the entry of a cmd-fgvc checkpoint (or a wrapped `export_checkpoint` file) naming the backbone's numerics
+NUMERICS_KEY = "backbone_numerics"
 SUPPORTED_FORMAT_VERSION = 1
 _WRAPPER_KEYS = ("state_dict", "model")
 _STRIP_EVERYWHERE = ("module.", "_orig_mod.")
 _HEAD_ROOTS = frozenset({"head", "head_dense", "head_dist", "fc", "classifier"})
 _SHOWN = 8  # how many keys an error message lists
+_NUMERICS_EFFECT = {  # measured in cmd.backbones.numerics, random weights
+    "esvit": "Swin-T tokens of 96 px crops by up to ~1",
+    "dino": "ViT-S/16 tokens of 96 px crops by up to ~4",
+    "timm": "crops of other sizes than 224 px differ most",
+}
 
 
 @dataclass
@@ -70,7 +83,13 @@ class LoadReport:
             original Swin ``relative_position_index`` / ``attn_mask`` buffers that timm recomputes.
         loaded: how many tensors were copied into the model.
         expected: how many tensors the model's state dict has.
-        suggested_numerics: the numerics matching the source (module docstring).
+        suggested_numerics: the numerics matching the source (module docstring); ``"timm"`` when the
+            source implies none.
+        implied_numerics: the numerics the source implies (a stored ``backbone_numerics``, or the
+            format ``"esvit"`` / ``"dino"``), None when it implies none (a timm state dict, a
+            cmd-fgvc checkpoint without the entry).
+        numerics_source: what implies them (``"the checkpoint format 'esvit'"``, ...).
+        where: the file (or ``"<state dict>"``).
         numerics: the numerics the backbone computes after loading.
         numerics_reason: why (``"chosen from the checkpoint format 'esvit'"``, ``"explicit"``, ...).
 
@@ -89,6 +108,9 @@ class LoadReport:
     suggested_numerics: str = "timm"
     numerics: str = "timm"
     numerics_reason: str = ""
+    implied_numerics: str | None = field(default=None, repr=False)
+    numerics_source: str = field(default="", repr=False)
+    where: str = field(default="", repr=False)
 
     @property
     def ok(self) -> bool:
@@ -235,6 +257,16 @@ def _unwrap(obj: Any, checkpoint_key: str, where: str) -> tuple[Mapping[str, tor
     )
 
 
+def _is_multicrop_wrapper(sd: Mapping[str, torch.Tensor]) -> bool:
+    """True for the state dict of DINO's / EsViT's ``MultiCropWrapper`` (keys ``backbone.<key>``, the
+    backbone's own timm-style keys, and ``head.*``), possibly behind ``module.``: what DINO saves as
+    ``teacher`` / ``student``. A plain timm state dict (``cls_token``, ``blocks.0...``) saved under
+    ``"teacher"`` is not one, nor is a cmd network's (``backbone.model.<key>``)."""
+    keys = [_strip_leading(k, _STRIP_EVERYWHERE) for k in sd]
+    inner = [k[len("backbone.") :] for k in keys if k.startswith("backbone.")]
+    return bool(inner) and not all(_strip_leading(k, _STRIP_EVERYWHERE).startswith("model.") for k in inner)
+
+
 def _checked(sd: Any, where: str, key: str) -> Mapping[str, torch.Tensor]:
     if not isinstance(sd, Mapping) or len(sd) == 0:
         raise ValueError(f"{where}: checkpoint[{key!r}] is not a non-empty state dict ({type(sd).__name__})")
@@ -317,6 +349,11 @@ def load_checkpoint(
             return the report.
         trust_pickle: read the file with ``weights_only=False`` (warns; only for files you trust).
 
+    Numerics: the backbone keeps the numerics it has. When the source implies others (an EsViT/CMD
+    Swin or DINO ViT checkpoint, or a stored ``backbone_numerics`` entry naming others) a UserWarning
+    says so and how to switch; a stored ``backbone_numerics`` that is not a known value warns too.
+    `cmd.create_backbone` (``checkpoint=...``) applies the implied numerics instead.
+
     Returns:
         A `LoadReport` (missing, unexpected, source_format, mismatched, dropped, loaded).
 
@@ -330,9 +367,40 @@ def load_checkpoint(
         >>> from cmd.backbones import create_backbone
         >>> a = create_backbone("vit_tiny", depth=1)
         >>> b = create_backbone("vit_tiny", depth=1)
-        >>> load_checkpoint(b, {"teacher": a.state_dict()}).source_format
-        'dino'
+        >>> load_checkpoint(b, {"teacher": a.model.state_dict()}).source_format  # timm keys under "teacher"
+        'timm'
+        >>> dino = {"teacher": {f"backbone.{k}": v for k, v in a.model.state_dict().items()}}  # DINO's layout
+        >>> c = create_backbone("vit_tiny", depth=1, numerics="dino")
+        >>> load_checkpoint(c, dino).source_format, c.numerics
+        ('dino', 'dino')
     """
+    report, bad_numerics = _load(backbone, source, checkpoint_key, strict, trust_pickle)
+    if bad_numerics is not None:
+        warnings.warn(
+            f"{bad_numerics}; {backbone.name} keeps the numerics it has ({backbone.numerics!r}), which may not be "
+            "those the weights were trained with",
+            stacklevel=2,
+        )
+    elif report.implied_numerics is not None and report.implied_numerics != backbone.numerics:
+        warnings.warn(
+            f"{report.where}: {report.numerics_source} implies {report.implied_numerics!r} numerics, but "
+            f"{backbone.name} computes {backbone.numerics!r}: its features differ from the reference's "
+            f"({_NUMERICS_EFFECT.get(report.implied_numerics, 'other sizes than 224 px differ')}). Create the backbone with cmd.create_backbone(..., checkpoint=...), "
+            f"which applies them, or switch a backbone with timm's numerics with "
+            f"backbone.set_numerics({report.implied_numerics!r})",
+            stacklevel=2,
+        )
+    return report
+
+
+def _load(
+    backbone: Backbone,
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    checkpoint_key: str,
+    strict: bool,
+    trust_pickle: bool,
+) -> tuple[LoadReport, str | None]:
+    """`load_checkpoint` without its numerics warnings; also returns why a stored numerics is invalid."""
     if not isinstance(backbone, Backbone):
         raise TypeError(f"backbone must be a cmd Backbone, got {type(backbone).__name__}")
     if isinstance(source, (str, os.PathLike)):
@@ -344,7 +412,9 @@ def load_checkpoint(
         raise TypeError(f"source must be a path or a dict, got {type(source).__name__}")
 
     raw, wrapper = _unwrap(obj, checkpoint_key, where)
-    stored_numerics = obj.get("backbone_numerics") if wrapper == FORMAT_NAME else None
+    # a cmd-fgvc checkpoint, or a wrapped export_checkpoint file, records the numerics it was computed with
+    has_stored = wrapper != "" and NUMERICS_KEY in obj
+    stored_numerics = obj.get(NUMERICS_KEY) if has_stored else None
     model = backbone.model
     model_sd = model.state_dict()
     sd, dropped = _normalise_keys(raw, set(model_sd))
@@ -354,7 +424,7 @@ def load_checkpoint(
         source_format = FORMAT_NAME
     elif original_swin:
         source_format = "esvit"
-    elif wrapper in ("teacher", "student"):
+    elif wrapper in ("teacher", "student") and _is_multicrop_wrapper(raw):
         source_format = "dino"
     else:  # bare, or under "state_dict" / "model" / another key such as timm's "state_dict_ema"
         source_format = "timm"
@@ -384,14 +454,23 @@ def load_checkpoint(
     unexpected = [k for k in sd if k not in model_sd]
     from .numerics import NUMERICS, numerics_for_format
 
-    if stored_numerics in NUMERICS:
-        suggested = stored_numerics
-    else:
-        suggested = numerics_for_format(source_format, backbone.family)
+    bad_numerics = None
+    implied, numerics_source = None, f"the checkpoint format {source_format!r}"
+    if has_stored:
+        if isinstance(stored_numerics, str) and stored_numerics in NUMERICS:
+            implied, numerics_source = stored_numerics, f"the stored {NUMERICS_KEY!r} entry"
+        else:
+            bad_numerics = (
+                f"{where}: the stored {NUMERICS_KEY!r} entry is {stored_numerics!r}, not one of {NUMERICS} (a "
+                "damaged or hand-edited file, or one from a newer version)"
+            )
+    elif source_format in ("esvit", "dino"):
+        implied = numerics_for_format(source_format, backbone.family)
     report = LoadReport(
         missing, unexpected, source_format, mismatched, dropped, loaded=len(loadable), expected=len(model_sd),
-        suggested_numerics=suggested, numerics=backbone.numerics,
+        suggested_numerics=implied or "timm", numerics=backbone.numerics,
     )
+    report.where, report.implied_numerics, report.numerics_source = where, implied, numerics_source
 
     if strict and not report.ok:
         key_text = f", checkpoint_key {checkpoint_key!r}" if wrapper not in ("", *_WRAPPER_KEYS) else ""
@@ -402,7 +481,7 @@ def load_checkpoint(
             + ". Pass strict=False to load what fits and get a LoadReport."
         )
     model.load_state_dict(loadable, strict=False)
-    return report
+    return report, bad_numerics
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -437,7 +516,11 @@ def export_checkpoint(
         path: if given, the result is also written there atomically (temporary file + rename).
         layout: ``"timm"`` (keys as in ``backbone.model``) or ``"esvit"`` (Swin only: the original Swin
             layout that EsViT/CMD code loads, patch merging at the end of stage i).
-        wrap_key: wrap the state dict as ``{wrap_key: state_dict}`` (``"teacher"`` as DINO/EsViT save).
+        wrap_key: wrap the state dict as ``{wrap_key: state_dict, "backbone_numerics": numerics}``
+            (``"teacher"`` as DINO/EsViT save; their code reads ``["teacher"]`` and ignores the rest):
+            `load_checkpoint` / `create_backbone` read the numerics back. Without it the bare state
+            dict cannot record them: exporting a backbone whose numerics differ from what its layout
+            implies (``"timm"`` layout: timm's; ``"esvit"``: EsViT's) warns.
         include_buffers: for ``"esvit"``, also write the ``relative_position_index`` buffers ``[A, A]``
             (A = window area) that original Swin keeps in its state dict. ``attn_mask`` buffers
             depend on the input resolution and are not written.
@@ -445,9 +528,14 @@ def export_checkpoint(
     Returns:
         The (optionally wrapped) state dict, CPU tensors that share no storage with the model.
 
+    Warns:
+        UserWarning: ``wrap_key`` is None and the backbone's numerics differ from those a reload
+            would infer from the layout (e.g. a Swin with EsViT numerics in the ``"timm"`` layout).
+
     Example:
         >>> from cmd.backbones import create_backbone
-        >>> bb = create_backbone("swin_tiny", embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+        >>> bb = create_backbone("swin_tiny", embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
+        ...                      numerics="esvit")  # the layout EsViT code loads, with its numerics
         >>> sd = export_checkpoint(bb, layout="esvit")
         >>> "layers.0.downsample.reduction.weight" in sd, "layers.3.downsample.reduction.weight" in sd
         (True, False)
@@ -465,7 +553,22 @@ def export_checkpoint(
                 f"layout='esvit' is for Swin (SwinTransformer) backbones; {backbone.name} is {backbone.family}"
             )
         sd = _to_original_swin(backbone.model, sd, include_buffers)
-    result: dict[str, Any] = {wrap_key: sd} if wrap_key is not None else sd
+    numerics = backbone.numerics
+    if wrap_key is None:
+        # what a reload infers from a bare state dict: its layout's numerics (EsViT's for the Swin layout)
+        implied = "esvit" if layout == "esvit" else "timm"
+        if implied != numerics:
+            warnings.warn(
+                f"export_checkpoint: {backbone.name} computes {numerics!r} numerics, but a bare state dict in the "
+                f"{layout!r} layout cannot record them: a backbone created from it computes {implied!r} numerics "
+                f"unless built with numerics={numerics!r}"
+                + (" (layout='esvit' implies 'esvit')" if numerics == "esvit" else "")
+                + f"; pass wrap_key= (e.g. 'teacher') to record them as {NUMERICS_KEY!r}",
+                stacklevel=2,
+            )
+    elif wrap_key == NUMERICS_KEY:
+        raise ValueError(f"wrap_key {NUMERICS_KEY!r} is reserved for the numerics of a wrapped export")
+    result: dict[str, Any] = {wrap_key: sd, NUMERICS_KEY: numerics} if wrap_key is not None else sd
     if path is not None:
         _atomic_save(result, os.fspath(path))
     return result

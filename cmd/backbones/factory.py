@@ -90,7 +90,8 @@ def create_backbone(
             eps 1e-6 and pad-then-shift windows) or ``"dino"`` (ViT: DINO's position-embedding
             interpolation); see `cmd.backbones.numerics`. ``None`` (default): ``"timm"``, or with a
             ``checkpoint`` the numerics of its format (EsViT/CMD Swin -> ``"esvit"``, DINO ViT ->
-            ``"dino"``, a cmd-fgvc checkpoint's stored ``backbone_numerics``). An explicit value wins.
+            ``"dino"``, a cmd-fgvc checkpoint's or wrapped export's stored ``backbone_numerics``;
+            a stored value that is not a known one raises). An explicit value wins.
         strict: refuse a checkpoint that does not fill the backbone exactly (heads aside); with False,
             load what fits (see ``backbone.load_report``).
         trust_pickle: read the checkpoint file with ``weights_only=False`` (warns; trusted files only).
@@ -110,7 +111,7 @@ def create_backbone(
         >>> bb.family, bb.embed_dim, bb.numerics
         ('swin', 192, 'timm')
         >>> from cmd.backbones import export_checkpoint
-        >>> esvit = export_checkpoint(bb, layout="esvit", wrap_key="teacher")  # EsViT's layout
+        >>> esvit = export_checkpoint(bb.set_numerics("esvit"), layout="esvit")  # EsViT's layout
         >>> create_backbone("swin_tiny", embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1),
         ...                 checkpoint=esvit).numerics
         'esvit'
@@ -142,19 +143,28 @@ def create_backbone(
     if checkpoint is None:
         backbone.set_numerics(numerics or "timm")
         return backbone
-    from .checkpoints import load_checkpoint
+    from .checkpoints import _load
 
-    report = load_checkpoint(
-        backbone, checkpoint, checkpoint_key=checkpoint_key, strict=strict, trust_pickle=trust_pickle
-    )
+    report, bad_numerics = _load(backbone, checkpoint, checkpoint_key, strict, trust_pickle)
     if numerics is not None:
+        stored = "stored" in report.numerics_source
+        source = report.numerics_source if stored else "the checkpoint format"
         reason = "explicit" + (
-            f"; the checkpoint format suggests {report.suggested_numerics!r}"
-            if report.suggested_numerics != numerics else ""
+            f"; {source} suggests {report.suggested_numerics!r}"
+            if report.implied_numerics is not None and report.suggested_numerics != numerics else ""
+        )
+        if bad_numerics is not None:
+            reason += f"; {bad_numerics}"
+    elif bad_numerics is not None:
+        raise ValueError(
+            f"{bad_numerics}: cannot choose the backbone's numerics; pass numerics='timm', 'esvit' or 'dino' "
+            "(the command line: --backbone_kwargs '{\"numerics\": ...}')"
         )
     else:
         numerics = report.suggested_numerics
-        reason = f"chosen from the checkpoint format {report.source_format!r}; pass numerics= to override"
+        source = report.numerics_source if report.implied_numerics is not None else (
+            f"the checkpoint format {report.source_format!r}")
+        reason = f"chosen from {source}; pass numerics= to override"
     backbone.set_numerics(numerics)
     report.numerics, report.numerics_reason = numerics, reason
     backbone.load_report = report

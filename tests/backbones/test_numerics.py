@@ -180,6 +180,7 @@ def test_numerics_errors():
         bb.set_numerics("timm")
 
 
+@pytest.mark.filterwarnings("ignore:export_checkpoint.*cannot record them")
 # -------------------------------------------------------------------------- chosen from checkpoints
 def test_esvit_checkpoint_picks_esvit_numerics(tmp_path):
     source = _swin(14, seed=1)
@@ -222,3 +223,80 @@ def test_timm_and_cmd_checkpoints():
     own["backbone_numerics"] = "dino"
     bb = create_backbone("vit_tiny", checkpoint=own, **SMALL_VIT)
     assert bb.numerics == "dino" and bb.load_report.suggested_numerics == "dino"
+
+
+# ------------------------------------------------------------------- numerics kept or said (issue 24)
+def test_export_of_esvit_numerics_records_them_or_warns(tmp_path):
+    """Issue 24 item 6: a timm-layout export of a Swin with EsViT numerics reloaded with timm's, silently."""
+    from cmd.backbones import load_checkpoint
+
+    source = _swin(7, seed=1, numerics="esvit")
+    _randomise_norms(source.model)
+    x = images(2, 96)
+    with torch.no_grad():
+        expected = source(x).tokens
+    # a bare state dict cannot carry the numerics: the export says so
+    with pytest.warns(UserWarning, match=r"computes 'esvit' numerics.*cannot record them.*numerics='esvit'"):
+        bare = export_checkpoint(source)
+    assert create_backbone("swin_tiny", window_size=7, checkpoint=bare, **SMALL_SWIN).numerics == "timm"
+    # a wrapped export records them, and create_backbone applies them: the same features
+    export_checkpoint(source, tmp_path / "w.pth", wrap_key="teacher")
+    assert torch.load(tmp_path / "w.pth", weights_only=True)["backbone_numerics"] == "esvit"
+    again = create_backbone("swin_tiny", window_size=7, checkpoint=tmp_path / "w.pth", **SMALL_SWIN).eval()
+    assert again.numerics == "esvit" and "stored 'backbone_numerics'" in again.load_report.summary()
+    with torch.no_grad():
+        assert _max_diff(again(x).tokens, expected) == 0.0
+    # loading it into an existing backbone with timm's numerics warns (and keeps them)
+    plain = _swin(7, seed=2)
+    with pytest.warns(UserWarning, match=r"w\.pth: the stored 'backbone_numerics' entry implies 'esvit' numerics, "
+                                         r"but .* computes 'timm'.*set_numerics\('esvit'\)"):
+        load_checkpoint(plain, tmp_path / "w.pth")
+    assert plain.numerics == "timm"
+    # an EsViT-layout file (the original Swin layout implies EsViT's numerics) into a timm backbone warns too
+    esvit_file = {"teacher": {f"backbone.{k}": v for k, v in export_checkpoint(source, layout="esvit").items()}}
+    with pytest.warns(UserWarning, match=r"the checkpoint format 'esvit' implies 'esvit' numerics"):
+        load_checkpoint(_swin(7, seed=2), esvit_file)
+    import warnings
+
+    with warnings.catch_warnings():  # and into a backbone with EsViT's numerics it is silent
+        warnings.simplefilter("error")
+        load_checkpoint(_swin(7, seed=2, numerics="esvit"), esvit_file)
+        load_checkpoint(_swin(7, seed=2, numerics="esvit"), tmp_path / "w.pth")
+
+
+def test_a_timm_vit_under_teacher_is_not_taken_for_dino(tmp_path):
+    """Issue 24 item 7: {"teacher": timm state dict} got DINO numerics (0.10 token difference at 96 px)."""
+    source = _vit(16, seed=1)
+    path = tmp_path / "plain.pth"
+    torch.save({"teacher": source.model.state_dict()}, path)
+    bb = create_backbone("vit_tiny", patch_size=16, checkpoint=path, **SMALL_VIT).eval()
+    assert bb.load_report.source_format == "timm" and bb.numerics == "timm"
+    with torch.no_grad():
+        x = images(2, 96)
+        assert _max_diff(bb(x).tokens, source(x).tokens) == 0.0
+    # DINO's own layout (MultiCropWrapper: backbone.* and head.*) is still DINO's, behind module. too
+    dino = {"teacher": {**{f"backbone.{k}": v for k, v in source.model.state_dict().items()},
+                        "head.last_layer.weight_g": torch.ones(4, 1)}}
+    dino["student"] = {f"module.{k}": v for k, v in dino["teacher"].items()}
+    for key in ("teacher", "student"):
+        found = create_backbone("vit_tiny", patch_size=16, checkpoint=dino, checkpoint_key=key, **SMALL_VIT)
+        assert found.load_report.source_format == "dino" and found.numerics == "dino"
+    # a cmd network's state dict (backbone.model.*) under "teacher" is not DINO's either
+    net = {"teacher": {f"backbone.model.{k}": v for k, v in source.model.state_dict().items()}}
+    assert create_backbone("vit_tiny", patch_size=16, checkpoint=net, **SMALL_VIT).numerics == "timm"
+
+
+@pytest.mark.parametrize("stored", ["bogus", 5, None])
+def test_invalid_stored_numerics_are_refused_not_taken_for_timm(stored):
+    """Issue 24 item 7: a cmd-fgvc checkpoint storing numerics 'bogus' or 5 fell back to timm silently."""
+    from cmd.backbones import load_checkpoint
+
+    source = _vit(16, seed=1)
+    own = {"format": "cmd-fgvc", "format_version": 1, "backbone_numerics": stored,
+           "teacher": {f"backbone.model.{k}": v for k, v in source.model.state_dict().items()}}
+    with pytest.raises(ValueError, match=rf"'backbone_numerics' entry is {stored!r}, not one of .*pass numerics="):
+        create_backbone("vit_tiny", patch_size=16, checkpoint=own, **SMALL_VIT)
+    explicit = create_backbone("vit_tiny", patch_size=16, checkpoint=own, numerics="timm", **SMALL_VIT)
+    assert explicit.numerics == "timm" and f"entry is {stored!r}" in explicit.load_report.summary()
+    with pytest.warns(UserWarning, match=rf"entry is {stored!r}.*keeps the numerics it has \('timm'\)"):
+        load_checkpoint(_vit(16), own)
