@@ -31,23 +31,52 @@ def _sixteen_bit_to_l(image: PIL.Image.Image, path: str | os.PathLike) -> PIL.Im
     return PIL.Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
 
 
+def _float_to_l(image: PIL.Image.Image, path: str | os.PathLike) -> PIL.Image.Image:
+    """A 32-bit float grayscale image (PIL mode ``F``, e.g. a float TIFF) with values in [0, 1] scaled to
+    8 bits: ``round(v * 255)``.
+
+    PIL's own ``convert("RGB")`` truncates these values to the integers 0 and 1 (the image comes out
+    black). Values outside [0, 1] (or NaN / inf) are ambiguous (a [0, 255] or [0, 65535] range, HDR
+    data) and refused, naming the file and the range found.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if values.size and not np.isfinite(values).all():
+        raise ValueError(
+            f"image {os.fspath(path)} (PIL mode 'F', 32-bit float) holds NaN or infinite values; "
+            "convert it to an 8-bit image first"
+        )
+    if values.size and (values.min() < 0 or values.max() > 1):
+        raise ValueError(
+            f"image {os.fspath(path)} (PIL mode 'F', 32-bit float) has values in [{values.min():.6g}, "
+            f"{values.max():.6g}]; float images are read as intensities in [0, 1] (scaled by 255), other "
+            "ranges are ambiguous: convert it to an 8-bit image first"
+        )
+    return PIL.Image.fromarray(np.round(values * 255).astype(np.uint8), mode="L")
+
+
 def load_rgb(path: str | os.PathLike) -> PIL.Image.Image:
     """Open an image file fully as an RGB PIL image.
 
     16-bit grayscale images (PNG ``I;16`` / ``I``) are scaled to 8 bits (``v * 255 / 65535``, rounded)
-    rather than clipped at 255 as ``PIL.Image.convert`` does.
+    rather than clipped at 255 as ``PIL.Image.convert`` does. 32-bit float images (mode ``F``, e.g.
+    float TIFFs) must hold values in [0, 1] and are scaled to 8 bits (``v * 255``, rounded) rather
+    than truncated to 0 / 1 (black) as ``convert`` does; other float ranges are refused.
 
     Raises:
         FileNotFoundError: when the file does not exist.
         OSError: when the file is unreadable (a corrupt or truncated JPEG), naming the file.
         PIL.Image.DecompressionBombError: an image above ``PIL.Image.MAX_IMAGE_PIXELS``, naming the file.
-        ValueError: a 32-bit integer image with values outside [0, 65535], naming the file.
+        ValueError: a 32-bit integer image with values outside [0, 65535], or a float image with
+            values outside [0, 1] (or NaN / inf), naming the file.
     """
     try:
         with PIL.Image.open(path) as image:
             if image.mode in _SIXTEEN_BIT_MODES:
                 image.load()
                 return _sixteen_bit_to_l(image, path).convert("RGB")
+            if image.mode == "F":
+                image.load()
+                return _float_to_l(image, path).convert("RGB")
             return image.convert("RGB")  # convert() forces the full decode, so truncation shows here
     except FileNotFoundError as err:
         raise FileNotFoundError(f"image file not found: {os.fspath(path)}") from err

@@ -74,6 +74,35 @@ def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
     assert np.array_equal(np.asarray(load_rgb(path_i)), rgb)
 
 
+def test_float_tiff_in_unit_range_is_scaled_not_black(tmp_path):
+    """Issue 24 item 8: a float32 TIFF with values in [0, 1] loaded with mean 0.0002 (PIL truncates to 0 / 1)."""
+    values = np.linspace(0.0, 1.0, 48 * 48, dtype=np.float32).reshape(48, 48)
+    path = tmp_path / "float.tif"
+    PIL.Image.fromarray(values, mode="F").save(path)
+    with PIL.Image.open(path) as image:
+        assert image.mode == "F"
+    rgb = np.asarray(load_rgb(path))
+    assert rgb.shape == (48, 48, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.abs(rgb[..., 0].astype(np.float64) - values.astype(np.float64) * 255).max() <= 0.5 + 1e-6
+    assert abs(rgb.mean() - 127.5) < 1.0
+    # through a dataset, as `evaluate` reads it
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    PIL.Image.fromarray(values, mode="F").save(tmp_path / "train" / "a" / "0.tif")
+    image, _ = build_dataset("imagefolder", tmp_path, "train")[0]
+    assert np.asarray(image).mean() > 100
+
+
+@pytest.mark.parametrize(("fill", "message"), [(2.0, r"values in \[0, 2\]"), (-0.5, r"values in \[-0.5, 1\]"),
+                                               (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite")])
+def test_float_tiff_outside_unit_range_is_refused_naming_the_file(tmp_path, fill, message):
+    values = np.linspace(0.0, 1.0, 16 * 16, dtype=np.float32).reshape(16, 16)
+    values[3, 4] = fill
+    path = tmp_path / "odd.tif"
+    PIL.Image.fromarray(values, mode="F").save(path)
+    with pytest.raises(ValueError, match=rf"odd\.tif \(PIL mode 'F'.*{message}"):
+        load_rgb(path)
+
+
 def test_directory_symlink_loop_is_refused_with_the_path(tmp_path):
     """Issue 15 item 5: a link back to its parent folder used to list the same files over and over."""
     _folder(tmp_path, "train", "ab", n=2)
