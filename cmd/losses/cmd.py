@@ -82,6 +82,13 @@ def diagnose_collapse(
     too); ``"one_hot"``: batch-mean entropy ``H(mean_b P_t) <= tolerance log K`` (every sample on the
     same few prototypes); healthy training has a low per-sample and a high batch-mean entropy.
 
+    Entropies of K outcomes lie in ``[0, log K]``: a non-finite, negative or larger value (beyond a
+    rounding slack of ``1e-3 log K``) is refused, as is a K that is not an integer >= 2.
+
+    Raises:
+        ValueError: ``out_dim`` not an integer >= 2, ``tolerance`` outside (0, 0.5), or an entropy
+            that is NaN, infinite, negative or above ``log K`` (the argument is named).
+
     Example:
         >>> import math
         >>> diagnose_collapse(0.99 * math.log(1024), math.log(1024), 1024), diagnose_collapse(0.0, 0.01, 1024)
@@ -89,11 +96,32 @@ def diagnose_collapse(
         >>> diagnose_collapse(1.5, 6.5, 1024) is None
         True
     """
-    if out_dim < 2 or not 0 < tolerance < 0.5:
-        raise ValueError(f"need out_dim >= 2 and 0 < tolerance < 0.5; got {out_dim}, {tolerance}")
-    if teacher_entropy >= (1 - tolerance) * math.log(out_dim):
+    import operator
+
+    try:
+        k = operator.index(out_dim) if not isinstance(out_dim, bool) else None
+    except TypeError:
+        k = None
+    if k is None or k < 2:
+        raise ValueError(f"out_dim (K, the number of prototypes) must be an integer >= 2, got {out_dim!r}")
+    if not 0 < tolerance < 0.5:
+        raise ValueError(f"tolerance must be in (0, 0.5), got {tolerance!r}")
+    log_k = math.log(k)
+    slack = 1e-3 * log_k  # float32 rounding of a computed entropy, or a value rounded in a log
+    values = {}
+    for name, value in (("teacher_entropy", teacher_entropy), ("teacher_batch_entropy", teacher_batch_entropy)):
+        try:
+            h = float(value)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name} must be a number (nats), got {value!r}") from err
+        if not math.isfinite(h) or not -slack <= h <= log_k + slack:
+            raise ValueError(
+                f"{name} = {h!r} is impossible: the entropy of K = {k} outcomes lies in [0, log K = {log_k:.6g}] nats"
+            )
+        values[name] = h
+    if values["teacher_entropy"] >= (1 - tolerance) * log_k:
         return "uniform"
-    return "one_hot" if teacher_batch_entropy <= tolerance * math.log(out_dim) else None
+    return "one_hot" if values["teacher_batch_entropy"] <= tolerance * log_k else None
 
 
 class CMDLoss(nn.Module):
