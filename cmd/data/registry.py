@@ -125,6 +125,14 @@ def _image_files(class_dir: Path) -> list[str]:
 def _image_folder(
     root: Path, split: str, transform, target_transform, classes: list[str] | None = None
 ) -> ImageListDataset:
+    """``root/split/<class>/<image>``; the messages name the folder at fault and say what is wrong with it.
+
+    The split's own class folders define its classes when no other list applies: then each must
+    hold an image (an empty one raises a ValueError naming it). A split labelled by another list
+    (``classes=``, or ``root/train`` for a test split) may lack some of its classes: a class whose
+    folder is missing and one whose folder is empty are the same case (the class has no image in
+    this split) and get one warning naming both kinds.
+    """
     folder = root / split
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -135,7 +143,15 @@ def _image_folder(
     reference = "the classes= list"
     if classes is None and split not in ("", "train") and (root / "train").is_dir():
         classes, reference = _class_folders(root / "train"), str(root / "train")
-    if classes is None:
+    own_classes = classes is None
+    if own_classes:
+        if not present:
+            loose = sum(1 for entry in folder.iterdir() if entry.is_file())
+            raise ValueError(
+                f"{folder} has no class folders (expected {folder}/<class>/<image>"
+                + (f"; it holds {loose} files directly" if loose else "")
+                + ")"
+            )
         classes = present
     else:
         classes = list(classes)
@@ -145,23 +161,39 @@ def _image_folder(
                 f"{folder} has {len(unknown)} classes that {reference} lacks: {unknown[:10]}; the labels come "
                 f"from {reference}'s class list, so these images could not be labelled consistently"
             )
-        absent = [c for c in classes if c not in present]
-        if absent:
-            warnings.warn(
-                f"{folder} has no folder for {len(absent)} of the {len(classes)} classes of {reference}: "
-                f"{absent[:10]}; labels follow {reference}'s class list",
-                stacklevel=3,
-            )
-    samples, empty = [], []
+    samples, absent, empty = [], [], []
     for index, name in enumerate(classes):
         if name not in present:
+            absent.append(name)
             continue
         files = _image_files(folder / name)
         if not files:
             empty.append(name)
         samples += [(path, index) for path in files]
-    if empty:
-        raise FileNotFoundError(f"{folder}: no image file in the class folders {empty[:10]}")
+    if own_classes and empty:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        shown = ", ".join(str(folder / name) for name in empty[:10])
+        raise ValueError(
+            f"{len(empty)} class folder{'s' if len(empty) > 1 else ''} of {folder} hold{'' if len(empty) > 1 else 's'} "
+            f"no image file: {shown}{', ...' if len(empty) > 10 else ''}; every class needs at least one image "
+            f"({' '.join(IMG_EXTENSIONS)}): add images or remove the folder"
+        )
+    if not samples:
+        raise ValueError(
+            f"{folder} holds no image of the {len(classes)} classes of {reference}: "
+            + (f"its class folders {sorted(set(present) & set(classes))[:10]} are empty" if present
+               else f"it has no class folders (expected {folder}/<class>/<image>)")
+        )
+    if absent or empty:
+        kinds = ([f"no folder for {absent[:10]}"] if absent else []) + (
+            [f"empty folders {[str(folder / name) for name in empty[:10]]}"] if empty else [])
+        warnings.warn(
+            f"{folder} has no image for {len(absent) + len(empty)} of the {len(classes)} classes of {reference} "
+            f"({'; '.join(kinds)}); labels follow {reference}'s class list, and results on this split cover "
+            "only the classes it has",
+            stacklevel=3,
+        )
     return ImageListDataset(
         samples, classes, transform, target_transform, source=str(folder), allow_empty_classes=True
     )
@@ -194,8 +226,10 @@ def build_dataset(
       with torchvision's ``ImageFolder`` file rules. Labels come from **one** class list, so that
       splits agree: ``classes=[...]`` when given, else for a split other than ``train`` the class
       folders of ``root/train`` when it exists, else the split's own folders (sorted). A class of the
-      split missing from that list raises a ValueError naming it; a listed class without a folder
-      in the split is allowed, with a warning. Directory symlink loops raise a ValueError naming the link.
+      split missing from that list raises a ValueError naming it; a listed class without images in
+      the split (no folder, or an empty one: the same case) is allowed, with one warning naming them.
+      When the split's own folders are the class list, each must hold an image: an empty class
+      folder raises a ValueError naming it. Directory symlink loops raise a ValueError naming the link.
 
     The file-based datasets are `ImageListDataset` objects: they expose ``samples``,
     ``targets``, ``classes`` and ``num_classes``, and name the file in every error (a missing

@@ -42,8 +42,10 @@ def test_image_folder(tmp_path):
         build_dataset("imagefolder", tmp_path, "test")
     (tmp_path / "train" / "c_empty").mkdir()
     (tmp_path / "val" / "c_empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="c_empty"):
-        build_dataset("imagefolder", tmp_path, "val")
+    with pytest.raises(ValueError, match=r"1 class folder of .*train holds no image file: .*train/c_empty"):
+        build_dataset("imagefolder", tmp_path, "train")
+    with pytest.warns(UserWarning, match=r"val has no image for 1 of the 3 classes.*empty folders.*val/c_empty"):
+        build_dataset("imagefolder", tmp_path, "val")  # labelled by train's list: like a missing folder
 
 
 def test_missing_cars_and_aircraft_say_where_to_put_the_files(tmp_path):
