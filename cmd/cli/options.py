@@ -212,7 +212,8 @@ _COMMAND_LINE_ONLY = {"config", "print_config", "protocol"}
 class CommandParser(argparse.ArgumentParser):
     """An `argparse.ArgumentParser` whose errors are one line (the options are listed by ``--help``)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, resolve: Any = None, **kwargs: Any) -> None:
+        self.resolve = resolve  # the command's parse function: parse_args(args) resolves every option
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("argument_default", argparse.SUPPRESS)  # only what is given: the layers merge
@@ -220,6 +221,14 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        """The command's full resolution (`parse_pretrain_args` / `parse_evaluate_args`) of ``args``."""
+        return self.resolve(args)
+
+    def given(self, args: Sequence[str]) -> dict[str, Any]:
+        """Only the options given in ``args`` (the command-line layer of the resolution)."""
+        return vars(super().parse_args(args))
 
 
 def _shown(value: Any) -> str:
@@ -243,8 +252,8 @@ def _help(name: str, spec: Any, default: Any) -> str:
     return shown.replace("%", "%%")
 
 
-def _build(schema: type, prog: str, description: str, epilog: str | None = None) -> CommandParser:
-    p = CommandParser(prog=prog, description=description, epilog=epilog)
+def _build(schema: type, resolve: Any, prog: str, description: str, epilog: str | None = None) -> CommandParser:
+    p = CommandParser(prog=prog, description=description, epilog=epilog, resolve=resolve)
     p.add_argument("--config", type=path, default=None, metavar="FILE",
                    help="YAML or JSON mapping of option names to values (e.g. 'epochs: 100'); it overrides the "
                         "recipe, and options given on the command line override it")
@@ -263,7 +272,7 @@ def _build(schema: type, prog: str, description: str, epilog: str | None = None)
 
 def build_pretrain_parser() -> CommandParser:
     """The parser of ``cmd-fgvc pretrain`` (generated from `PretrainOptions`)."""
-    p = _build(PretrainOptions, "cmd-fgvc pretrain",
+    p = _build(PretrainOptions, parse_pretrain_args, "cmd-fgvc pretrain",
                "CMD self-supervised pretraining. Every method, optimisation and crop option comes from a recipe "
                "(cmd-fgvc recipes lists them; default: demo, a CPU run of a few minutes, for --dataset synthetic, "
                "and paper for a real dataset); --config FILE overrides the recipe, flags override both.")
@@ -277,7 +286,7 @@ def build_pretrain_parser() -> CommandParser:
 
 def build_evaluate_parser() -> CommandParser:
     """The parser of ``cmd-fgvc evaluate`` (generated from `EvaluateOptions`)."""
-    p = _build(EvaluateOptions, "cmd-fgvc evaluate",
+    p = _build(EvaluateOptions, parse_evaluate_args, "cmd-fgvc evaluate",
                "Evaluate a frozen (teacher) backbone: k-NN, linear probe or retrieval. The architecture, backbone "
                "settings and evaluation image size are read from a cmd-fgvc checkpoint's training arguments when "
                "present; command-line values override them.",
@@ -333,7 +342,7 @@ def _read_config(parser: CommandParser, file: str, known: set[str]) -> dict[str,
 
 def _resolve(parser: CommandParser, schema: type, argv: Sequence[str] | None, *, with_recipe: bool):
     """(options, namespace of the command-line-only arguments, source of each option)."""
-    flags = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    flags = parser.given(list(sys.argv[1:] if argv is None else argv))
     specs = option_specs(schema)
     defaults = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
     cli_only = argparse.Namespace(**{k: flags.pop(k) for k in list(flags) if k not in specs})

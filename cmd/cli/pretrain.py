@@ -216,11 +216,11 @@ def _check_data(args: argparse.Namespace) -> Dataset:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dist.init_distributed_from_env()
-    if dist.rank() == 0:
-        print(f"recipe: {args.recipe} ({args.recipe_source})")
     if args.supervised_reference and dist.is_dist():
         raise SystemExit("error: --supervised_reference runs in one process; run it without torchrun")
     rank, world = dist.rank(), dist.world_size()
+    if rank == 0:
+        print(f"recipe: {args.recipe} ({args.recipe_source})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and dist.is_dist():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
