@@ -480,6 +480,7 @@ def parse_pretrain_args(argv: Sequence[str] | None = None) -> argparse.Namespace
         sys.stdout.write(print_config(args, sources))
         sys.stdout.flush()
         raise SystemExit(0)
+    del args.print_config  # (not a training argument: args.json and the checkpoint do not list it)
     try:
         from cmd.backbones.factory import resolve_model_name
 

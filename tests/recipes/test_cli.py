@@ -34,8 +34,7 @@ OLD_DEFAULTS = {
     "stop_on_collapse": False, "max_steps": 0, "compile": False, "fused_region_chunk": 0, "viz": False,
     "no_progress": False, "logger": "csv",
 }
-NEW_KEYS = {"drop_path": 0.0, "recipe": "demo", "recipe_source": "default for --dataset synthetic",
-            "print_config": False}
+NEW_KEYS = {"drop_path": 0.0, "recipe": "demo", "recipe_source": "default for --dataset synthetic"}
 
 
 def test_demo_resolves_exactly_to_the_old_defaults():
