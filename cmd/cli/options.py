@@ -417,7 +417,7 @@ def _namespace(options: Any, cli_only: argparse.Namespace) -> argparse.Namespace
     return argparse.Namespace(**values, **vars(cli_only))
 
 
-def print_config(args: argparse.Namespace, sources: dict[str, str], schema: type = None) -> str:
+def print_config(args: argparse.Namespace, sources: dict[str, str], schema: type | None = None) -> str:
     """The resolved options as YAML, one ``option: value  # source`` per line (loadable by ``--config``)."""
     import yaml
 

@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world = dist.rank(), dist.world_size()
     if rank == 0:
         print(f"recipe: {args.recipe} ({args.recipe_source})")
+        if args.recipe.startswith("released") and world != 2:
+            print(f"note: the released recipe is the official 2 processes x {args.batch_size_per_gpu} images; this run "
+                  f"has {world} process(es) (the lr scales with the total batch): torchrun --nproc_per_node 2")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and dist.is_dist():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
