@@ -44,7 +44,7 @@ GOLDEN: dict[str, tuple[object, str]] = {
     "warmup_teacher_temp_epochs": (30, "train_nfg.bat:5 --warmup_teacher_temp_epochs 30"),
     "student_temp": (0.1, "main_esvit.py:672 (DDINOLoss student_temp)"),
     "center_momentum": (0.9, "main_esvit.py:673 (DDINOLoss center_momentum)"),
-    "centering": ("center", "main_esvit.py DDINOLoss.update_center: DINO's centering"),
+    "centering": ("center", "main_esvit.py:790-791 (DDINOLoss.update_center: EMA centers)"),
     "koleo_weight": (0.0, "no KoLeo term"),
     "epochs": (300, "train_nfg.bat:5 --epochs 300"),
     "batch_size_per_gpu": (4, "train_nfg.bat:5 --batch_size_per_gpu 4 (README.md:32: 32 on 16 GPUs)"),
