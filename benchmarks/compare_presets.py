@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader
 
 import cmd
 from cmd.cli import pretrain
-from cmd.cli.options import build_pretrain_parser
 from cmd.cli.run_state import write_json_atomic
 
 CONTENDERS: dict[str, list[str]] = {
@@ -65,7 +64,8 @@ SMOKE = ["--synthetic_classes", "4", "--synthetic_per_class", "8", "--synthetic_
 
 
 def _default(option: str):
-    return build_pretrain_parser().get_default(option)
+    """The demo recipe's value of ``option`` (the program's default on synthetic data)."""
+    return getattr(cmd.recipes.get("demo"), option)
 
 
 def _eval_data(args: argparse.Namespace, split: str, **kw):

@@ -93,6 +93,7 @@ _SUBMODULES = (
     "data",
     "eval",
     "viz",
+    "recipes",
 )
 
 _STDLIB_ALL = ["Cmd", "PROMPT", "IDENTCHARS"]
