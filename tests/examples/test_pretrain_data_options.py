@@ -30,7 +30,7 @@ def test_synthetic_difficulty_reaches_the_dataset(pretrain):
     assert (hard.difficulty, hard.part_size, hard.class_hue) == ("hard", 12, 0.0)
 
 
-DEMO_RESNET = {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8}
+DEMO_RESNET = {"channels": [16, 32, 64, 128], "output_stride": 8}
 
 
 @pytest.mark.parametrize(

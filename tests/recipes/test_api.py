@@ -24,7 +24,7 @@ def test_names_and_every_recipe_states_every_option():
 def test_get_returns_a_typed_config_with_checked_overrides():
     cfg = recipes.get("demo")
     assert (cfg.arch, cfg.lr, cfg.out_dim) == ("resnet18", 4e-3, 128)
-    assert cfg.backbone_kwargs == {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8}
+    assert cfg.backbone_kwargs == {"channels": [16, 32, 64, 128], "output_stride": 8}
     assert cfg.global_crops_scale == (0.4, 1.0)
     assert dataclasses.replace(cfg, lr=1e-3).lr == 1e-3 and recipes.get("demo", epochs=3).epochs == 3
     with pytest.raises(OptionError, match="epochs: must be >= 1"):

@@ -39,9 +39,23 @@ NEW_KEYS = {"drop_path": 0.0, "recipe": "demo", "recipe_source": "default for --
 
 def test_demo_resolves_exactly_to_the_old_defaults():
     args = vars(parse_pretrain_args([]))
-    assert {k: v for k, v in args.items() if k not in NEW_KEYS} == OLD_DEFAULTS
+    # the old defaults also passed stem_width 16, which timm's ResNet ignores without a deep stem (no-op, dropped)
+    old = {**OLD_DEFAULTS, "backbone_kwargs": {"channels": [16, 32, 64, 128], "output_stride": 8}}
+    assert {k: v for k, v in args.items() if k not in NEW_KEYS} == old
     assert {k: args[k] for k in NEW_KEYS} == NEW_KEYS  # drop path 0: timm's resnet18 default, the same model
     assert vars(parse_pretrain_args(["--recipe", "demo"])) == {**args, "recipe_source": "--recipe"}
+
+
+def test_the_dropped_stem_width_changed_nothing():
+    import timm
+
+    kwargs = {"channels": [16, 32, 64, 128], "output_stride": 8}
+    torch.manual_seed(0)
+    with_stem = timm.create_model("resnet18", pretrained=False, stem_width=16, **kwargs).state_dict()
+    torch.manual_seed(0)
+    without = timm.create_model("resnet18", pretrained=False, **kwargs).state_dict()
+    assert with_stem.keys() == without.keys() and with_stem["conv1.weight"].shape[:2] == (64, 3)
+    assert all(torch.equal(with_stem[k], without[k]) for k in with_stem)
 
 
 def _print_config(argv, capsys) -> str:
