@@ -386,9 +386,16 @@ def build_evaluate_parser() -> CommandParser:
     g.add_argument("--n_last_blocks", type=POSITIVE, default=4, help="concatenate the class tokens of the last N blocks")
     g.add_argument("--avgpool_patchtokens", action="store_true", help="also concatenate the mean patch token")
     g.add_argument("--epochs", type=POSITIVE, default=100, help="training epochs of the probe")
-    g.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="learning rate (default: 1e-3 * total batch / 256)")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, default=None,
+                   help="one learning rate, no validation split (default: the --lrs sweep)")
     g.add_argument("--lrs", type=POSITIVE_FLOAT, nargs="+", default=None, metavar="LR",
-                   help="train one head per learning rate, report the best (default: only --lr)")
+                   help="one head per learning rate, the best on --val_fraction of the training split is retrained "
+                        "on all of it (default: 1e-3 * total batch / 256 times 1, 3, 10, ..., 1000)")
+    g.add_argument("--val_fraction", type=float_range(0.0, 1.0, low_open=True, high_open=True), default=0.1,
+                   help="class-balanced share of the training split held out to pick the lr (never the test split)")
+    g.add_argument("--official", action="store_true",
+                   help="the official eval_linear.py protocol: one lr, 1e-3 * total batch / 256, augmented images; "
+                        "its best test top-1 over the epochs is reported beside the last epoch's")
     g.add_argument("--num_labels", type=int_range(2), default=None, help="number of classes (default: from the data)")
     g.add_argument("--cache_features", action="store_true", help="extract once without augmentation, train on it")
     g = p.add_argument_group("retrieval")
