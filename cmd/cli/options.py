@@ -390,7 +390,7 @@ def build_evaluate_parser() -> CommandParser:
                    help="one learning rate, no validation split (default: the --lrs sweep)")
     g.add_argument("--lrs", type=POSITIVE_FLOAT, nargs="+", default=None, metavar="LR",
                    help="one head per learning rate, the best on --val_fraction of the training split is retrained "
-                        "on all of it (default: 1e-3 * total batch / 256 times 1, 3, 10, ..., 1000)")
+                        "on all of it (default: 1e-3 * total batch / 256 times 1, 3, 10, ..., 10000)")
     g.add_argument("--val_fraction", type=float_range(0.0, 1.0, low_open=True, high_open=True), default=0.1,
                    help="class-balanced share of the training split held out to pick the lr (never the test split)")
     g.add_argument("--official", action="store_true",

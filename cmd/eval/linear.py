@@ -28,7 +28,7 @@ __all__ = ["LinearProbe", "train_linear_probe", "probe_accuracy", "default_lr_sw
 #: The default sweep: the official rate ``1e-3 * total batch / 256`` times each of these. The
 #: official rate is tuned for ImageNet-sized training sets (thousands of steps); on a few hundred
 #: images it moves the head too little in 100 epochs, hence the rates above it.
-DEFAULT_LR_MULTIPLIERS: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+DEFAULT_LR_MULTIPLIERS: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
 
 
 def default_lr_sweep(total_batch: int) -> list[float]:
