@@ -296,9 +296,10 @@ def run_linear(args, backbone, device, describe: dict | None = None) -> dict:
         [v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *norm]
     )
     train_data, test_data = _dataset(args, "train", train_tf), _dataset(args, "test", cmd.eval_transform(size))
-    # the held-out validation images are seen with the test transform, like the test images
-    train_eval = None if args.cache_features else _loader(_dataset(args, "train", cmd.eval_transform(size)), args,
-                                                          shuffle=False)
+    # several lrs: the held-out validation images are seen with the test transform, like the test images
+    selecting = lr is None and (args.lrs is None or len(args.lrs) > 1)
+    train_eval = _loader(_dataset(args, "train", cmd.eval_transform(size)), args, shuffle=False) \
+        if selecting and not args.cache_features else None
     describe["dataset"] = {**_dataset_info(args), "train": len(train_data), "test": len(test_data)}
     results = cmd.train_linear_probe(
         backbone, _loader(train_data, args, shuffle=True), _loader(test_data, args, shuffle=False),
