@@ -7,9 +7,15 @@ Examples::
     cmd-fgvc evaluate knn --pretrained_weights out/cub_cmd/checkpoint.pth \\
         --dataset cub --data_path /data/CUB_200_2011
 
-    # linear probe on the last 4 blocks, 8 GPUs
+    # linear probe on the last 4 blocks, 8 GPUs: the lr is picked on 10 % of the training split
     torchrun --nproc_per_node 8 -m cmd evaluate linear --pretrained_weights ... \\
         --dataset cub --data_path /data/CUB_200_2011 --n_last_blocks 4 --epochs 100
+
+    # the official eval_linear.py protocol (one lr, 1e-3 x batch / 256; best test top-1 over the epochs)
+    cmd-fgvc evaluate linear --official --pretrained_weights ... --dataset cub ...
+
+    # a checkpoint kept every N epochs by `cmd-fgvc pretrain --saveckp_freq N` (as the paper's 0270)
+    cmd-fgvc evaluate knn --pretrained_weights out/cub_cmd/checkpoint0270.pth --dataset cub ...
 
     # retrieval (query: every 9th test image; gallery: train + remaining test)
     cmd-fgvc evaluate retrieval --pretrained_weights ... --dataset cub ...
@@ -25,7 +31,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -69,6 +77,39 @@ def read_weights(args: argparse.Namespace) -> Any:
     except (OSError, RuntimeError, ValueError) as err:
         hint = "" if args.trust_pickle or "pickle" not in str(err) else " (--trust_pickle reads it, for files you trust)"
         raise SystemExit(f"--pretrained_weights: {cli_message(err)}{hint}") from err
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> Path:
+    """Create the folder ``path`` if needed and prove that a file can be written in it.
+
+    Run before anything is computed, so that an unusable folder (a file, a read-only folder, a
+    parent that is a file) costs nothing; the probe file is removed.
+
+    Raises:
+        SystemExit: one line naming ``option`` and the folder.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"{option} {folder}: is a file, not a folder; pass a folder for the results")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test_", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise SystemExit(f"{option} {folder}: cannot write there ({err.strerror or err}); pass a writable folder") \
+            from err
+    return folder
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def apply_checkpoint_args(args: argparse.Namespace, content: Any) -> dict[str, Any]:
@@ -236,27 +277,51 @@ def run_linear(args, backbone, device, describe: dict | None = None) -> dict:
     describe = {} if describe is None else describe
     if args.load_features:
         raise SystemExit("--load_features works with knn and retrieval; the linear probe runs the backbone")
+    depth = getattr(backbone, "num_blocks", None)
+    if isinstance(depth, int) and args.n_last_blocks > depth:
+        raise SystemExit(f"--n_last_blocks {args.n_last_blocks}: the backbone ({args.arch}) has only {depth} "
+                         f"block{'s' if depth > 1 else ''}; pass --n_last_blocks {depth} or fewer")
+    official = bool(getattr(args, "official", False))
+    lr = args.lr
+    if official:
+        given = [f"--{k}" for k in ("lr", "lrs") if getattr(args, k) is not None]
+        given += ["--cache_features"] if args.cache_features else []
+        if given:
+            raise SystemExit(f"--official sets the lr (1e-3 x total batch / 256) and trains on augmented images: "
+                             f"drop {', '.join(given)}")
+        lr = 1e-3 * args.batch_size_per_gpu * dist.world_size() / 256
     size = args.image_size
     norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cmd.IMAGENET_MEAN, cmd.IMAGENET_STD)]
     train_tf = cmd.eval_transform(size) if args.cache_features else v2.Compose(
         [v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *norm]
     )
-    train_data, val_data = _dataset(args, "train", train_tf), _dataset(args, "test", cmd.eval_transform(size))
-    describe["dataset"] = {**_dataset_info(args), "train": len(train_data), "test": len(val_data)}
+    train_data, test_data = _dataset(args, "train", train_tf), _dataset(args, "test", cmd.eval_transform(size))
+    # several lrs: the held-out validation images are seen with the test transform, like the test images
+    selecting = lr is None and (args.lrs is None or len(args.lrs) > 1)
+    train_eval = _loader(_dataset(args, "train", cmd.eval_transform(size)), args, shuffle=False) \
+        if selecting and not args.cache_features else None
+    describe["dataset"] = {**_dataset_info(args), "train": len(train_data), "test": len(test_data)}
     results = cmd.train_linear_probe(
-        backbone, _loader(train_data, args, shuffle=True), _loader(val_data, args, shuffle=False),
+        backbone, _loader(train_data, args, shuffle=True), _loader(test_data, args, shuffle=False),
         num_classes=args.num_labels, n_last_blocks=args.n_last_blocks,
-        avgpool=args.avgpool_patchtokens, epochs=args.epochs, lr=args.lr, lrs=args.lrs,
-        cache_features=args.cache_features, label_fraction=args.label_fraction, seed=args.seed,
+        avgpool=args.avgpool_patchtokens, epochs=args.epochs, lr=lr, lrs=args.lrs,
+        cache_features=args.cache_features, label_fraction=args.label_fraction,
+        val_fraction=getattr(args, "val_fraction", 0.1), train_eval_loader=train_eval, seed=args.seed,
         device=device, progress=not args.no_progress,
     )
     probe = results.pop("probe", None)
     if probe is not None and dist.is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        torch.save(probe.state_dict(), Path(args.output_dir) / "linear_probe.pth")
-    per_lr = results.pop("per_lr", {})
+        path = Path(args.output_dir) / "linear_probe.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(probe.state_dict(), tmp)
+        os.replace(tmp, path)
+    per_lr = results.pop("per_lr", None)
     results["lr"] = float(f"{results['lr']:.4g}")
-    results["per_lr"] = {f"{float(rate):.4g}": metrics for rate, metrics in per_lr.items()}
+    if official:
+        results["lr_selection"] = "official"
+    if per_lr is not None:
+        results["per_lr"] = {f"{float(rate):.4g}": metrics for rate, metrics in per_lr.items()}
     return rounded(results)
 
 
@@ -269,9 +334,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+_OFFICIAL_NOTE = "official eval_linear.py protocol: the epoch is picked on the test split"
+
+
 def format_results(results: Mapping[str, Any]) -> str:
     """Results as an aligned text table: one row per k (k-NN) or per learning rate (linear probe)."""
-    rows = {k: v for k, v in results.items() if isinstance(v, Mapping) and v and k != "per_lr"}
+    if "lr_selection" in results:
+        return _format_linear(results)
+    rows = {k: v for k, v in results.items() if isinstance(v, Mapping) and v}
     lines = []
     if rows:  # e.g. {"k=20": {"top1": .., "top5": ..}}
         columns = list(next(iter(rows.values())))
@@ -280,13 +350,31 @@ def format_results(results: Mapping[str, Any]) -> str:
     scalars = {k: v for k, v in results.items() if not isinstance(v, Mapping)}
     if scalars:
         lines.append("  ".join(f"{k} {_fmt(v)}" for k, v in scalars.items()))
+    return "\n".join(lines)
+
+
+def _format_linear(results: Mapping[str, Any]) -> str:
+    """The linear probe: the test accuracy, how its lr was chosen, the official number labelled, the lr table."""
+    how = {
+        "validation": f"lr {_fmt(results['lr'])} picked on a validation split of {results.get('num_val')} training "
+                      "images" + (f", then retrained on all {results.get('num_train')}" if results.get("refit")
+                                  else f", trained on the other {results.get('num_train')}"),
+        "single": f"one lr, {_fmt(results['lr'])}, trained on {results.get('num_train')} images",
+        "official": f"one lr, {_fmt(results['lr'])} (1e-3 x batch / 256), trained on {results.get('num_train')} images",
+    }.get(results["lr_selection"], f"lr {_fmt(results['lr'])}")
+    lines = [f"top1 {_fmt(results['top1'])}  top5 {_fmt(results['top5'])}  (test, after the last epoch; {how})"]
+    if "best_test_top1_over_epochs" in results:
+        lines.append(f"best_test_top1_over_epochs {_fmt(results['best_test_top1_over_epochs'])}  ({_OFFICIAL_NOTE})")
+    shown = ("top1", "top5", "lr", "lr_selection", "per_lr", "refit", "best_test_top1_over_epochs", "num_val")
+    rest = {k: v for k, v in results.items() if k not in shown and not isinstance(v, Mapping)}
+    if rest:
+        lines.append("  ".join(f"{k} {_fmt(v)}" for k, v in rest.items()))
     per_lr = results.get("per_lr")
     if per_lr:
-        lines.append(f"\n{'lr':>10}  {'top1':>8}  {'top5':>8}")
-        best = results.get("lr")
+        lines.append(f"\n{'lr':>10}  {'val_top1':>8}  {'val_top5':>8}")
         for rate, m in per_lr.items():
-            mark = "  <- best" if best is not None and float(rate) == float(best) else ""
-            lines.append(f"{rate:>10}  {_fmt(m['top1']):>8}  {_fmt(m['top5']):>8}{mark}")
+            mark = "  <- picked" if float(rate) == float(results["lr"]) else ""
+            lines.append(f"{rate:>10}  {_fmt(m['val_top1']):>8}  {_fmt(m['val_top5']):>8}{mark}")
     return "\n".join(lines)
 
 
@@ -309,6 +397,10 @@ def provenance(args: argparse.Namespace, device: torch.device, describe: Mapping
 def main(argv: list[str] | None = None) -> dict:
     args = parse_evaluate_args(argv)
     dist.init_distributed_from_env()
+    if dist.is_main_process():  # before anything is computed: an unusable folder would lose the results
+        check_output_dir(args.output_dir)
+        if args.dump_features:
+            check_output_dir(args.dump_features, "--dump_features")
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     describe: dict[str, Any] = {}
@@ -326,10 +418,23 @@ def main(argv: list[str] | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         info = provenance(args, device, describe)
         payload = {"protocol": args.protocol, "results": results, "provenance": info, "args": vars(args)}
-        (out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+        if args.protocol == "linear":
+            payload["notes"] = _linear_notes(results)
+        _write_atomic(out / "results.json", json.dumps(payload, indent=2, default=str))
         print(f"\n{args.protocol} results: {_header(args, info)}\n{format_results(results)}")
         print(f"written to {out / 'results.json'}")
     return results
+
+
+def _linear_notes(results: Mapping[str, Any]) -> dict[str, str]:
+    how = {"validation": "its lr picked on a validation split held out from the training split (per_lr: the "
+                         "validation accuracy of each lr)",
+           "single": "the one lr given", "official": "the official lr, 1e-3 x total batch / 256"}
+    return {
+        "top1": f"test accuracy after the last epoch of the head trained with {how.get(results['lr_selection'], '')}",
+        "best_test_top1_over_epochs": f"the best test top-1 over the epochs: the {_OFFICIAL_NOTE} (not a "
+                                      "held-out estimate)",
+    }
 
 
 def _header(args: argparse.Namespace, info: Mapping[str, Any]) -> str:

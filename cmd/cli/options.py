@@ -189,10 +189,17 @@ EvaluateOptions = _schema("EvaluateOptions", None, {
                             default=4),
     "avgpool_patchtokens": option("linear probe", "also concatenate the mean patch token", switch, default=False),
     "epochs": option("linear probe", "training epochs of the probe", POSITIVE, default=100),
-    "lr": option("linear probe", "learning rate; null: 1e-3 * total batch / 256", optional(POSITIVE_FLOAT),
-                 default=None),
-    "lrs": option("linear probe", "train one head per learning rate, report the best; null: only --lr",
+    "lr": option("linear probe", "one learning rate, no validation split; null: the --lrs sweep",
+                 optional(POSITIVE_FLOAT), default=None),
+    "lrs": option("linear probe", "one head per learning rate, the best on --val_fraction of the training split is "
+                  "retrained on all of it; null: 1e-3 * total batch / 256 times 1, 3, 10, ..., 10000",
                   optional(values(POSITIVE_FLOAT)), default=None, nargs="+", metavar="LR"),
+    "val_fraction": option("linear probe", "class-balanced share of the training split held out to pick the lr "
+                           "(never the test split)", float_range(0.0, 1.0, low_open=True, high_open=True),
+                           default=0.1),
+    "official": option("linear probe", "the official eval_linear.py protocol: one lr, 1e-3 * total batch / 256, "
+                       "augmented images; its best test top-1 over the epochs is reported beside the last epoch's",
+                       switch, default=False),
     "num_labels": option("linear probe", "number of classes; null: from the data", optional(int_range(2)),
                          default=None),
     "cache_features": option("linear probe", "extract once without augmentation, train on it", switch,

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from .features import extract_features, loader_batch_indices
 from .knn import KNNClassifier
-from .label_fraction import class_balanced_subset
-from .linear import LinearProbe, probe_accuracy, train_linear_probe
+from .label_fraction import class_balanced_split, class_balanced_subset
+from .linear import LinearProbe, default_lr_sweep, probe_accuracy, train_linear_probe
 from .localisation import part_token_mask, part_weight_mass
 from .retrieval import average_precision, fine_grained_retrieval_split, retrieval_metrics
 from .search import InnerProductSearch, choose_backend
@@ -28,9 +28,11 @@ __all__ = [
     "loader_batch_indices",
     "KNNClassifier",
     "class_balanced_subset",
+    "class_balanced_split",
     "LinearProbe",
     "train_linear_probe",
     "probe_accuracy",
+    "default_lr_sweep",
     "part_weight_mass",
     "part_token_mask",
     "retrieval_metrics",

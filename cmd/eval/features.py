@@ -72,6 +72,36 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, Any]:
     return images, labels
 
 
+def _as_labels(labels: Any) -> torch.Tensor:
+    """A batch's labels as an int64 tensor of class indices (same shape), refusing what a cast would change.
+
+    Strings, non-finite values and non-integer floats (0.9, y + 0.5) raise: ``.long()`` would turn
+    them into other classes, or into -2**63, without a word. Floats holding whole numbers (3.0)
+    are accepted.
+    """
+    if isinstance(labels, (str, bytes)) or (
+        isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], (str, bytes))
+    ):
+        first = labels if isinstance(labels, (str, bytes)) else labels[0]
+        raise TypeError(f"labels must be integer class indices, got strings such as {first!r}: map the class "
+                        "names to indices first (e.g. with the dataset's class_to_idx)")
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"labels must be integer class indices, got {type(labels).__name__}: {err}") from None
+    if y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if y.is_floating_point():
+        finite = torch.isfinite(y)
+        if not bool(finite.all()):
+            raise ValueError(f"labels must be integer class indices, got a non-finite value ({y[~finite][0].item()})")
+        fractional = y != y.round()
+        if bool(fractional.any()):
+            raise ValueError(f"labels must be integer class indices, got {y[fractional][0].item():g} (dtype "
+                             f"{y.dtype}): casting would truncate it to another class")
+    return y.long()
+
+
 def _as_features(out: Any, n_images: int) -> torch.Tensor:
     out = getattr(out, "pooled", out)  # a BackboneOutput gives its image vector
     if not isinstance(out, torch.Tensor):
@@ -167,7 +197,7 @@ def extract_features(
                 feats = _as_features(out, images.shape[0]).float()
                 if normalize:
                     feats = F.normalize(feats, dim=1)
-                targets = torch.as_tensor(targets).reshape(-1).long().cpu()
+                targets = _as_labels(targets).reshape(-1).cpu()
                 if targets.shape[0] != images.shape[0]:
                     raise ValueError(f"batch {step} has {images.shape[0]} images but {targets.shape[0]} labels")
                 if batch_indices is not None and (step >= len(batch_indices) or len(batch_indices[step]) != len(targets)):

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..schedules import cosine_schedule
-from .features import _as_features, _default_device, _split_batch
+from .features import _as_features, _as_labels, _default_device, _split_batch
 from .linear import LinearProbe
 
 __all__ = ["SupervisedResult", "train_supervised", "gap_closed"]
@@ -94,9 +94,12 @@ def train_supervised(
         A [`SupervisedResult`][cmd.eval.SupervisedResult].
 
     Raises:
-        ValueError: an option out of range, an empty loader, a label outside ``[0, C)``, or a
+        ValueError: an option out of range, an empty loader (or a one-shot iterator exhausted
+            before ``steps``), a label outside ``[0, C)`` or not an integer (0.9, NaN), or a
             backbone that returns something other than ``[B, D]``.
-        RuntimeError: the loss became non-finite (lower ``lr``).
+        TypeError: labels that are not numbers (strings).
+        RuntimeError: the loss became non-finite; the message says whether the images, the
+            features or the lr is the cause.
     """
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
@@ -122,7 +125,7 @@ def train_supervised(
         batches_this_pass, correct, seen = 0, 0, 0
         for batch in loader:
             images, labels = _split_batch(batch)
-            labels = torch.as_tensor(labels).to(device=device, dtype=torch.long)
+            labels = _as_labels(labels).to(device)
             if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
                 raise ValueError(f"labels must have shape [B={images.shape[0]}], got {tuple(labels.shape)}")
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
@@ -140,7 +143,8 @@ def train_supervised(
             loss = F.cross_entropy(logits, labels)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise RuntimeError(f"the supervised loss became non-finite at step {step} (lr {lr}): lower the lr")
+                bar.close()
+                raise RuntimeError(_non_finite_loss_message(step, lr, images, features))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -153,11 +157,27 @@ def train_supervised(
                 break
         if batches_this_pass == 0:
             bar.close()
-            raise ValueError("the loader yielded no batch")
+            if step == 0:
+                raise ValueError("the loader yielded no batch")
+            raise ValueError(
+                f"the loader was exhausted after {step} of steps={steps} steps: a one-shot iterator (e.g. a "
+                f"generator) cannot be cycled; pass a DataLoader or another re-iterable, or steps <= {step}"
+            )
     bar.close()
     backbone.eval()
     return SupervisedResult(steps=step, final_loss=loss_value, train_top1=100.0 * correct / max(seen, 1),
                             time_s=time.perf_counter() - start)
+
+
+def _non_finite_loss_message(step: int, lr: float, images: torch.Tensor, features: torch.Tensor) -> str:
+    where = f"the supervised loss became non-finite at step {step}"
+    if not bool(torch.isfinite(images).all()):
+        return f"{where}: the batch's images hold NaN or inf values; check the data (the lr is not the cause)"
+    if not bool(torch.isfinite(features).all()):
+        if step == 0:
+            return f"{where}: the backbone's features are non-finite on finite images, before any update; check the backbone"
+        return f"{where}: the backbone's features became non-finite (lr {lr}): lower the lr"
+    return f"{where} (lr {lr}): lower the lr"
 
 
 def gap_closed(before: float, after: float, reference: float) -> float:

@@ -93,3 +93,17 @@ def test_drop_last_loader_raises_in_one_process():
         extract_features(model, DataLoader(data, batch_size=4, drop_last=True), progress=False)
     feats, _ = extract_features(model, DataLoader(data, batch_size=3, drop_last=True), progress=False)
     assert feats.shape[0] == 6  # nothing to drop: accepted
+
+
+def test_labels_that_a_cast_would_change_are_refused():
+    """Float labels such as 0.9 were cast to class 0 without a word (issue 24 item 10, the shared helper)."""
+    model = torch.nn.Flatten()
+    for labels, error, match in [
+        (torch.full((4,), 0.9), ValueError, r"integer class indices, got 0\.9"),
+        (torch.tensor([0.0, float("nan"), 1.0, 2.0]), ValueError, "non-finite"),
+        (["a", "b", "c", "d"], TypeError, "strings such as 'a'"),
+    ]:
+        with pytest.raises(error, match=match):
+            extract_features(model, [(torch.zeros(4, 3, 2, 2), labels)], progress=False)
+    _, y = extract_features(model, [(torch.zeros(4, 3, 2, 2), torch.tensor([0.0, 1.0, 2.0, 3.0]))], progress=False)
+    assert y.dtype == torch.long and y.tolist() == [0, 1, 2, 3]

@@ -129,3 +129,48 @@ def test_gap_closed():
     assert gap_closed(40.0, 80.0, 70.0) == pytest.approx(4 / 3)  # better than the reference
     assert gap_closed(40.0, 30.0, 70.0) == pytest.approx(-1 / 3)
     assert math.isnan(gap_closed(50.0, 60.0, 50.0)) and math.isnan(gap_closed(50.0, 60.0, 45.0))
+
+
+def _labelled(labels, n: int = 8) -> list[tuple[torch.Tensor, object]]:
+    """One batch of n images with the given labels (a list is a re-iterable loader)."""
+    return [(torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(0)), labels)]
+
+
+@pytest.mark.parametrize("labels", [
+    torch.full((8,), 0.9),                          # all 0.9: truncated to class 0
+    (torch.arange(8) % 3).float() + 0.5,            # y + 0.5: truncated to y
+])
+def test_float_labels_are_refused_not_truncated(labels):
+    """Issue 24 item 10: float labels were cast to integers and training returned normally."""
+    with pytest.raises(ValueError, match=r"labels must be integer class indices, got 0\.9|got 0\.5"):
+        train_supervised(_backbone(), _labelled(labels), 3, steps=2, lr=1e-3, progress=False)
+    whole = (torch.arange(8) % 3).float()           # 0.0, 1.0, 2.0: exact, accepted
+    assert train_supervised(_backbone(), _labelled(whole), 3, steps=2, lr=1e-3, progress=False).steps == 2
+
+
+def test_nan_and_string_labels_have_clear_messages():
+    """Issue 24 item 17: 'values in [-9223372036854775808, ...]' and "too many dimensions 'str'"."""
+    nan = torch.zeros(8)
+    nan[3] = float("nan")
+    with pytest.raises(ValueError, match=r"integer class indices, got a non-finite value \(nan\)") as err:
+        train_supervised(_backbone(), _labelled(nan), 3, steps=1, lr=1e-3, progress=False)
+    assert "9223372036854775808" not in str(err.value)
+    with pytest.raises(TypeError, match=r"integer class indices, got strings such as 'cat'.*class_to_idx"):
+        train_supervised(_backbone(), _labelled(["cat"] * 8), 3, steps=1, lr=1e-3, progress=False)
+
+
+def test_a_one_shot_generator_shorter_than_steps_says_so():
+    """Issue 24 item 17: a 2-batch generator with steps=5 reported 'the loader yielded no batch'."""
+    batches = (batch for batch in DataLoader(_data(16), batch_size=8))
+    with pytest.raises(ValueError, match=r"exhausted after 2 of steps=5 steps: a one-shot iterator") as err:
+        train_supervised(_backbone(), batches, 3, steps=5, lr=1e-3, progress=False)
+    assert "yielded no batch" not in str(err.value)
+
+
+def test_nan_images_are_blamed_not_the_lr():
+    """Issue 24 item 17: NaN images got the advice 'lower the lr'."""
+    data = _data()
+    data.tensors[0][2] = float("nan")
+    with pytest.raises(RuntimeError, match=r"images hold NaN or inf.*check the data") as err:
+        train_supervised(_backbone(), DataLoader(data, batch_size=8), 3, steps=2, lr=1e-3, progress=False)
+    assert "lower the lr" not in str(err.value)
