@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -143,7 +144,7 @@ class TensorBoardStepLogger:
     def log_summary(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """The run's options with its final metrics (the HPARAMS tab), in this run's folder."""
         self.writer.add_hparams({k: _hparam_value(v) for k, v in hparams.items()},
-                                {f"hparam/{k}": float(v) for k, v in metrics.items()}, run_name=".")
+                                {f"hparam/{k}": float(v) for k, v in metrics.items()}, run_name="hparams")
         self.writer.flush()
 
     def log_images(self, step: int, images: Mapping[str, Path]) -> None:
@@ -174,21 +175,28 @@ class WandbStepLogger:
         self.wandb = wandb
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / "run_id"
-        run_id = id_file.read_text().strip() if resume_step > 0 and id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume_step > 0 and id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "cmd-fgvc"), dir=str(folder), id=run_id,
                               resume="allow", config=dict(config or {}))
-        self.min_step = resume_step
+        self.min_step = self.last_step = resume_step
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         if step > self.min_step:
             self.run.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+            self.last_step = max(self.last_step, step)
 
     def log_eval(self, step: int, scalars: Mapping[str, float]) -> None:
-        if step >= self.min_step:
+        """At ``step``; W&B's steps only increase: a value for an earlier step (the k-NN before
+        training, step 0) goes to the run's summary as ``{name}_at_step_{step}``."""
+        if step >= self.last_step:
             self.run.log({f"eval/{k}": v for k, v in scalars.items()}, step=step)
-        for k, v in scalars.items():
-            self.run.summary[k] = v
+            self.last_step = step
+            for k, v in scalars.items():
+                self.run.summary[k] = v
+        else:
+            for k, v in scalars.items():
+                self.run.summary[f"{k}_at_step_{step}"] = v
 
     def log_summary(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         self.run.config.update(dict(hparams), allow_val_change=True)
@@ -196,7 +204,7 @@ class WandbStepLogger:
             self.run.summary[k] = v
 
     def log_images(self, step: int, images: Mapping[str, Path]) -> None:
-        self.run.log({f"viz/{k}": self.wandb.Image(str(p)) for k, p in images.items()}, step=max(step, self.min_step))
+        self.run.log({f"viz/{k}": self.wandb.Image(str(p)) for k, p in images.items()}, step=max(step, self.last_step))
 
     def close(self) -> None:
         self.run.finish()

@@ -114,7 +114,8 @@ def format_epoch_line(record: Mapping[str, Any], epochs: int, out_dim: int | Non
     """A short summary of an epoch's row (the essentials, about 100 characters; log.jsonl has the rest).
 
     Epoch and step, the loss, the teacher's entropy against log K (``out_dim``; near log K: uniform
-    collapse, near 0: one-hot), the k-NN top-1 where measured, a collapse, the time and throughput.
+    collapse, near 0: one-hot), the k-NN top-1 where measured, a collapse, the time and throughput
+    (at most about 115 characters).
 
     Example:
         >>> format_epoch_line({"epoch": 2, "step": 62, "loss": 4.05361, "teacher_entropy": 2.2543,
@@ -130,12 +131,11 @@ def format_epoch_line(record: Mapping[str, Any], epochs: int, out_dim: int | Non
     if record.get("knn_top1") is not None:
         parts.append(f"k-NN {record['knn_top1']:.2f} %")
     if record.get("collapse"):
-        parts.append(f"COLLAPSE: {record['collapse']}")
-    parts.append(f"{record.get('epoch_time_s', 0):.1f} s")
-    parts.append(f"{record.get('images_per_s', 0):.1f} img/s")
-    if record.get("peak_memory_mb"):
-        parts.append(f"{record['peak_memory_mb']:.0f} MiB")
-    return "  ".join(parts)
+        parts.append(f"collapse: {record['collapse']}")
+    seconds, speed = record.get("epoch_time_s", 0), record.get("images_per_s", 0)
+    parts.append(f"{seconds:.1f} s" if seconds < 100 else f"{seconds:.0f} s")
+    parts.append(f"{speed:.1f} img/s" if speed < 100 else f"{speed:.0f} img/s")
+    return "  ".join(parts)  # peak memory, every term, the schedules: in log.jsonl
 
 
 # ---------------------------------------------------------------------------------- statistics

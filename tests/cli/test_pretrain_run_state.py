@@ -227,8 +227,9 @@ def test_full_disk_is_reported_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------- issue 16 section 4: tracking
-def test_step_scalars_to_csv_and_tensorboard_and_knn_in_the_log(tmp_path, capsys):
+def test_step_scalars_to_csv_and_tensorboard_and_knn_in_the_log(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorboard")
+    monkeypatch.setenv("CMD_FGVC_PROGRESS", "1")  # bars although stderr is captured (not a terminal)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with warnings.catch_warnings():
