@@ -509,8 +509,9 @@ def sample_across_classes(
         Indices into ``labels``, grouped by class in increasing class order.
 
     Example:
-        >>> sample_across_classes([0, 0, 1, 1, 2, 2], per_class=1)
-        [0, 2, 5]
+        >>> labels = [0, 0, 1, 1, 2, 2]
+        >>> [labels[i] for i in sample_across_classes(labels, per_class=1)]  # one (seeded) sample per class
+        [0, 1, 2]
     """
     y = np.asarray(torch.as_tensor(labels).cpu())
     if y.ndim != 1:
