@@ -105,9 +105,9 @@ def parameter_table(html: str, identifier: str) -> list[list[str]]:
     start = html.index(f'id="{identifier}"')
     following = re.search(r'<h[1-6][^>]*id="cmd\.', html[start + 10 :])
     section = html[start : start + 10 + following.start()] if following else html[start:]
-    match = re.search(r"Parameters.*?(<table>.*?</table>)", section, re.S)
+    match = re.search(r"Parameters.*?(<table[^>]*>.*?</table>)", section, re.S)
     assert match, f"no Parameters table for {identifier}"
-    rows = re.findall(r"<tr>(.*?)</tr>", match.group(1), re.S)
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", match.group(1), re.S)
     cell = re.compile(r"<t[dh][^>]*>(.*?)</t[dh]>", re.S)
     return [[html_lib.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in cell.findall(r)] for r in rows]
 
