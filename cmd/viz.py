@@ -116,10 +116,12 @@ def instance_weight_overlay(
 # ------------------------------------------------------------------------------ training curves
 
 # the loss terms of `cmd.CMDLoss` (unweighted in the logs) and the option giving each one's weight
-_LOSS_TERMS = {"image": "image_weight", "region": "region_weight", "inter_student": "inter_weight",
-               "cross": "cross_weight", "koleo": "koleo_weight"}
+_LOSS_TERMS = {"image": "image_weight", "region": "region_weight", "inter_level": "inter_weight",
+               "swapped": "swapped_weight", "koleo": "koleo_weight"}
 # logged beside the loss but never part of it
-_DIAGNOSTICS = ("inter_teacher", "teacher_student_kl")
+_DIAGNOSTICS = ("inter_level_teacher", "teacher_student_kl")
+# the terms' former names (logs written before the rename): old -> new
+_RENAMED = {"inter_student": "inter_level", "inter_teacher": "inter_level_teacher", "cross": "swapped"}
 _ENTROPIES = {"teacher_entropy": "H(P_t): per-sample", "teacher_batch_entropy": "H(mean P_t): batch-mean",
               "teacher_region_entropy": "H(region P_t): per-token"}
 
@@ -140,7 +142,7 @@ def loss_weights(args: dict) -> dict[str, float]:
     """The weight of each loss term of a run's options (``loss`` preset, then the explicit weights).
 
     Example:
-        >>> loss_weights({"loss": "cmd", "inter_weight": 0.2})["inter_student"]
+        >>> loss_weights({"loss": "cmd", "inter_weight": 0.2})["inter_level"]
         0.2
     """
     from .losses import CMDLoss
@@ -148,7 +150,7 @@ def loss_weights(args: dict) -> dict[str, float]:
     preset = dict(CMDLoss.PRESETS.get(str(args.get("loss", "cmd")), {}))
     out = {}
     for term, option in _LOSS_TERMS.items():
-        value = args.get(option)
+        value = args.get(option, args.get("cross_weight") if option == "swapped_weight" else None)
         value = preset.get(option, 0.0) if value is None else value
         out[term] = float(value)
     return out
@@ -211,7 +213,7 @@ def plot_training_log(
     """Plot the loss and its weighted terms, the diagnostics, the teacher's entropies and the k-NN of a ``log.jsonl``.
 
     Four panels over epochs: (1) the total loss and each weighted term ``lambda * term`` that sums
-    to it; (2) the diagnostics logged beside the loss but never part of it (``inter_teacher``,
+    to it; (2) the diagnostics logged beside the loss but never part of it (``inter_level_teacher``,
     ``teacher_student_kl``); (3) the teacher's entropies in nats with the ``log K`` line of a
     uniform teacher (`cmd.diagnose_collapse` reads them); (4) the k-NN top-1 (%), drawn only where
     it was measured: markers, and a line only between consecutive epochs (with the default
@@ -317,7 +319,9 @@ def _save(fig: Any, path: str | Path | None, plt: Any) -> Any:
 
 
 def _read_jsonl(log_path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    """The rows of a JSON-lines log, the terms' former names read as the current ones."""
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    return [{_RENAMED.get(k, k): v for k, v in row.items()} for row in rows]
 
 
 # panels that draw several per-step scalars together (same units), and each scalar's axis label
@@ -374,8 +378,8 @@ def plot_step_curves(
     """
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
-        header = list(reader.fieldnames or [])
-        rows = list(reader)
+        header = [_RENAMED.get(c, c) for c in reader.fieldnames or []]
+        rows = [{_RENAMED.get(k, k): v for k, v in row.items()} for row in reader]
     if "step" not in header:
         raise ValueError(f"{csv_path} has no 'step' column (columns: {header})")
     if not rows:

@@ -197,18 +197,18 @@ def _joined(ax):
 
 def test_plot_training_log_weighted_terms_diagnostics_and_log_k(tmp_path):
     log = tmp_path / "log.jsonl"
-    rows = [{"epoch": e, "loss": 0.5 * 4 + 0.5 * 2 + 0.1 * 1, "image": 4.0, "region": 2.0, "inter_student": 1.0,
-             "inter_teacher": 7.0, "teacher_entropy": 2.0, "teacher_batch_entropy": 4.0} for e in (1, 2)]
+    rows = [{"epoch": e, "loss": 0.5 * 4 + 0.5 * 2 + 0.1 * 1, "image": 4.0, "region": 2.0, "inter_level": 1.0,
+             "inter_level_teacher": 7.0, "teacher_entropy": 2.0, "teacher_batch_entropy": 4.0} for e in (1, 2)]
     log.write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "args.json").write_text(json.dumps([{"args": {"loss": "cmd", "image_weight": None, "out_dim": 64}}]))
     fig = viz.plot_training_log(log)  # weights and K from the run's args.json (the "cmd" preset)
     loss_ax, diag_ax, entropy_ax, knn_ax = fig.axes
     lines = {line.get_label(): list(line.get_ydata()) for line in loss_ax.lines}
-    assert set(lines) == {"loss (total)", "0.5 x image", "0.5 x region", "0.1 x inter_student"}
-    assert lines["0.5 x image"] == [2.0, 2.0] and lines["0.1 x inter_student"] == [0.1, 0.1]
+    assert set(lines) == {"loss (total)", "0.5 x image", "0.5 x region", "0.1 x inter_level"}
+    assert lines["0.5 x image"] == [2.0, 2.0] and lines["0.1 x inter_level"] == [0.1, 0.1]
     total = sum(v[0] for k, v in lines.items() if k != "loss (total)")
     assert total == pytest.approx(lines["loss (total)"][0])  # the weighted terms add up to the loss
-    assert [line.get_label() for line in diag_ax.lines] == ["inter_teacher"]  # a diagnostic, not a loss term
+    assert [line.get_label() for line in diag_ax.lines] == ["inter_level_teacher"]  # a diagnostic, not a loss term
     log_k = [line for line in entropy_ax.lines if line.get_label().startswith("log K")]
     assert len(log_k) == 1 and log_k[0].get_ydata()[0] == pytest.approx(np.log(64))
     assert all(ax.get_ylabel() for ax in fig.axes)
@@ -260,3 +260,15 @@ def test_attention_grid_titles_colorbar_and_part_outline(tmp_path):
         viz.save_attention_grid(net, images, labels=labels[:2])
     with pytest.raises(ValueError, match="part_masks"):
         viz.save_attention_grid(net, images, part_masks=masks[:2])
+
+
+def test_logs_written_before_the_terms_rename_are_read(tmp_path):
+    """inter_student / inter_teacher / cross (old log.jsonl and steps.csv) are drawn as the new names."""
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"epoch": 1, "loss": 2.1, "image": 4.0, "inter_student": 1.0, "inter_teacher": 7.0}))
+    fig = viz.plot_training_log(log, weights={"image": 0.5, "inter_level": 0.1})
+    assert {line.get_label() for line in fig.axes[0].lines} == {"loss (total)", "0.5 x image", "0.1 x inter_level"}
+    assert [line.get_label() for line in fig.axes[1].lines] == ["inter_level_teacher"]
+    csv_path = _write_csv(tmp_path / "steps.csv", "step,loss,inter_student,cross\n1,2.0,1.0,0.5\n2,1.5,0.8,0.4\n")
+    labels = [line.get_label() for line in viz.plot_step_curves(csv_path).axes[0].lines]
+    assert labels[:3] == ["loss", "inter_level", "swapped"]

@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,20 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _RenamedOption(argparse.Action):
+    """An option's former name: stores into the new one (``new``, its dest) with a note on stderr."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        message = f"{option_string or self.dest} is deprecated: use --{self.new}"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        print(f"note: {message}", file=sys.stderr)
+        setattr(namespace, self.new, values)
+
+
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", type=str, default=None, metavar="FILE",
@@ -254,11 +269,14 @@ def build_pretrain_parser() -> CommandParser:
                    help="one prototype layer for the image and region heads")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="cmd", choices=["dino", "esvit", "cmd"],
-                   help="preset of loss terms: dino (image), esvit (image + region), cmd (all four)")
+                   help="preset of loss terms: dino (image), esvit (image + region), cmd (image + region + inter-level)")
     for term, what in (("image", "image-level"), ("region", "region-level"), ("inter", "inter-level (MIL bag)"),
-                       ("cross", "cross-level")):
+                       ("swapped", "swapped-level (teacher image -> student bag, teacher bag -> student image; "
+                                   "an extension, off in every preset)")):
         g.add_argument(f"--{term}_weight", type=NON_NEGATIVE_FLOAT, default=None,
                        help=f"weight of the {what} term (default: the --loss preset's)")
+    g.add_argument("--cross_weight", type=NON_NEGATIVE_FLOAT, action=_RenamedOption, new="swapped_weight",
+                   help="deprecated name of --swapped_weight")
     g.add_argument("--teacher_temp", type=POSITIVE_FLOAT, default=0.03, help="teacher temperature after warm-up")
     g.add_argument("--warmup_teacher_temp", type=POSITIVE_FLOAT, default=0.03,
                    help="teacher temperature at the start of the warm-up")

@@ -196,7 +196,7 @@ def knn_top1(backbone: nn.Module, args, device, k: int) -> float:
 # ------------------------------------------------------------------------------------- training
 
 # scalars summed over each epoch (log.jsonl) and logged per step (--logger); NaN ones are left out
-_EXTRA_TERMS = ("inter_teacher", "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy",
+_EXTRA_TERMS = ("inter_level_teacher", "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy",
                 "teacher_student_kl")
 
 
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             image_weight=args.image_weight,
             region_weight=args.region_weight,
             inter_weight=args.inter_weight,
-            cross_weight=args.cross_weight,
+            swapped_weight=args.swapped_weight,
         ).items()
         if v is not None
     }

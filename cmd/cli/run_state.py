@@ -167,7 +167,9 @@ class EpochStats:
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         if not state:
             return
-        saved = dict(zip(state["names"], state["sums"]))
+        from cmd.losses.cmd import DEPRECATED_TERM_NAMES  # a checkpoint written before the terms' rename
+
+        saved = {DEPRECATED_TERM_NAMES.get(n, n): v for n, v in zip(state["names"], state["sums"])}
         self.saved_sums = [float(saved.get(n, float("nan"))) for n in self.names]
         self.saved_count, self.saved_time = int(state["count"]), float(state.get("time", 0.0))
 

@@ -241,7 +241,7 @@ def test_step_scalars_to_csv_and_tensorboard_and_knn_in_the_log(tmp_path, capsys
     assert "epoch 2/2  step 8  loss " in captured.out and "{" not in captured.out
     rows = _steps(tmp_path)
     assert len(rows) == 8
-    for key in ("loss", "image", "region", "inter_student", "lr", "weight_decay", "teacher_momentum", "teacher_temp",
+    for key in ("loss", "image", "region", "inter_level", "lr", "weight_decay", "teacher_momentum", "teacher_temp",
                 "teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "images_per_s"):
         assert rows[0][key] != "", key
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")

@@ -28,8 +28,8 @@ def test_log_jsonl_has_no_float_noise(tmp_path):
 
 
 def test_epoch_line_is_short_and_has_the_essentials():
-    record = {"epoch": 10, "step": 310, "loss": 3.8259123, "image": 4.8493, "region": 2.6804, "inter_student": 0.6108,
-              "inter_teacher": 1.8878, "teacher_entropy": 4.2789, "teacher_batch_entropy": 4.8226,
+    record = {"epoch": 10, "step": 310, "loss": 3.8259123, "image": 4.8493, "region": 2.6804, "inter_level": 0.6108,
+              "inter_level_teacher": 1.8878, "teacher_entropy": 4.2789, "teacher_batch_entropy": 4.8226,
               "teacher_region_entropy": 1.5512, "teacher_student_kl": 0.57, "lr": 1.2e-6, "weight_decay": 0.04,
               "teacher_momentum": 0.99999, "teacher_temp": 0.03, "knn_top1": 67.10000000000001,
               "knn_top1_before": 47.8, "images_per_s": 1234.5, "epoch_time_s": 1234.5, "peak_memory_mb": 65432.1,
@@ -111,3 +111,11 @@ def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
         assert text in data, text
     assert list(run.glob("files/media/images/viz/region_weights_*.png"))
     assert (tmp_path / "wandb" / "run_id").read_text().strip() in run.name
+
+
+def test_cross_weight_option_is_a_deprecated_alias_of_swapped_weight(capsys):
+    with pytest.warns(DeprecationWarning, match="--swapped_weight"):
+        args = pretrain.parse_args([*SMALL, "--cross_weight", "0.3"])
+    assert args.swapped_weight == 0.3 and not hasattr(args, "cross_weight")
+    assert "deprecated" in capsys.readouterr().err
+    assert pretrain.parse_args([*SMALL, "--swapped_weight", "0.2"]).swapped_weight == 0.2
