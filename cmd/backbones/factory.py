@@ -156,7 +156,7 @@ def create_backbone(
             raise
         kwargs_text = ", ".join(f"{k}={v!r}" for k, v in (stored.get("backbone_kwargs") or {}).items())
         raise ValueError(
-            f"{err}. This is a cmd-fgvc training checkpoint of {stored['arch']!r}"
+            f"{str(err).rstrip('.')}. This is a cmd-fgvc training checkpoint of {stored['arch']!r}"
             + (f" with {kwargs_text}" if kwargs_text else "")
             + ": load it in one call with cmd.load_pretrained(path), which reads these from the checkpoint"
             + (f", or pass them: create_backbone({stored['arch']!r}, checkpoint=path, {kwargs_text})" if kwargs_text
