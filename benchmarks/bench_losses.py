@@ -230,7 +230,7 @@ def run_setting(name_, *, batch, out_dim, tokens, dim, scale, device, dtype, rep
     tau_t = 0.04
     contenders = {}
     for preset in PRESETS:
-        weights = {k: v for k, v in CMDLoss.PRESETS[preset].items() if k != "cross_weight"}
+        weights = {k: v for k, v in CMDLoss.PRESETS[preset].items() if k != "swapped_weight"}
         loop = PerPairLoopLoss(out_dim, n_global, n_global + n_local, device=device, **weights)
         agg = AggregatedAutogradLoss(out_dim, n_global, n_global + n_local, device=device, **weights)
         ours = CMDLoss.from_preset(preset, out_dim=out_dim, n_local_crops=n_local).to(device)

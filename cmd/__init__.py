@@ -27,6 +27,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "BackboneOutput": "backbones",
     "create_backbone": "backbones",
     "load_checkpoint": "backbones",
+    "load_pretrained": "backbones",
     "export_checkpoint": "backbones",
     "LoadReport": "backbones",
     # pooling, heads, network
@@ -126,6 +127,7 @@ if _TYPE_CHECKING:  # pragma: no cover - for static analysers only
         create_backbone,
         export_checkpoint,
         load_checkpoint,
+        load_pretrained,
     )
     from cmd.checkpoint import restore_checkpoint, save_checkpoint
     from cmd.data import CUB200, SyntheticFineGrained, build_dataset

@@ -3,6 +3,7 @@ the built site loads no script or stylesheet from another host (MathJax and merm
 
 from __future__ import annotations
 
+import html as html_lib
 import importlib.util
 import os
 import re
@@ -79,14 +80,16 @@ def test_griffe_extension_splits_joint_parameters():
     assert split(wrapped) == "Args:\n    a: three.\n    b: three.\n    c: three.\n    d: one.\n"
 
 
-@pytest.mark.slow
-def test_mkdocs_build_strict(tmp_path):
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory) -> Path:
+    """The site built once by ``mkdocs build --strict`` (shared by the tests that read it)."""
     missing = _docs_toolchain_missing()
     if missing is not None:
         pytest.skip(f"the docs toolchain is not installed ({missing} missing): pip install -e '.[docs]'")
+    site = tmp_path_factory.mktemp("docs") / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(tmp_path / "site")],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
         cwd=ROOT,  # the griffe extension and `paths: [.]` are relative to the repository root
         capture_output=True,
         text=True,
@@ -94,7 +97,60 @@ def test_mkdocs_build_strict(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    site = tmp_path / "site"
+    return site
+
+
+def parameter_table(html: str, identifier: str) -> list[list[str]]:
+    """The rows (Name, Type, Description, Default: cell texts) of the Parameters table of ``identifier``."""
+    start = html.index(f'id="{identifier}"')
+    following = re.search(r'<h[1-6][^>]*id="cmd\.', html[start + 10 :])
+    section = html[start : start + 10 + following.start()] if following else html[start:]
+    match = re.search(r"Parameters.*?(<table[^>]*>.*?</table>)", section, re.S)
+    assert match, f"no Parameters table for {identifier}"
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", match.group(1), re.S)
+    cell = re.compile(r"<t[dh][^>]*>(.*?)</t[dh]>", re.S)
+    return [[html_lib.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in cell.findall(r)] for r in rows]
+
+
+@pytest.mark.slow
+def test_api_parameter_table_has_one_row_per_signature_parameter(built_site):
+    """CMDLoss's table on the built losses page: every parameter once, in order, with its default.
+
+    Its docstring documents several parameters in one entry (``out_dim: K. n_global_crops: G ...``)
+    and joint ones (``image_weight, region_weight, ...: lambda_I, lambda_R, ...``)."""
+    import inspect
+
+    from cmd.losses import CMDLoss
+
+    rows = parameter_table((built_site / "api" / "losses" / "index.html").read_text(), "cmd.losses.CMDLoss")
+    assert rows[0] == ["Name", "Type", "Description", "Default"]
+    signature = [p for p in inspect.signature(CMDLoss).parameters.values()]
+    assert [r[0] for r in rows[1:]] == [p.name for p in signature]
+    for row, p in zip(rows[1:], signature):
+        want = "required" if p.default is inspect.Parameter.empty else repr(p.default)
+        assert row[3] == want, (p.name, row)
+        assert row[2], f"{p.name}: no description"
+    described = {r[0]: r[2] for r in rows[1:]}
+    assert described["n_local_crops"].startswith("L") and described["region_weight"] == "lambda_R."
+
+
+def test_griffe_extension_one_entry_per_signature_parameter():
+    pytest.importorskip("griffe", reason="the docs extra (griffe) is not installed")
+    normalise = _load_extension().normalise_parameters
+    text = ("Summary.\n\nArgs:\n    out_dim: K. n_global_crops: G (first). n_local_crops: L.\n"
+            "    a, b: lambda_A, lambda_B.\n    t1, t2: the temperature\n        (a schedule, DINO's). tau: s.\n\n"
+            "Returns:\n    x, y: kept.\n")
+    params = ["out_dim", "n_global_crops", "n_local_crops", "t1", "t2", "tau", "a", "b", "extra"]
+    assert normalise(text, params) == (
+        "Summary.\n\nArgs:\n    out_dim: K.\n    n_global_crops: G (first).\n    n_local_crops: L.\n"
+        "    t1: the temperature (a schedule, DINO's).\n    t2: the temperature (a schedule, DINO's).\n"
+        "    tau: s.\n    a: lambda_A.\n    b: lambda_B.\n    extra: see above.\n\nReturns:\n    x, y: kept.\n"
+    )
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict(built_site):
+    site = built_site
     assert (site / "index.html").is_file()
     api = (site / "api" / "losses" / "index.html").read_text()
     assert 'id="cmd.losses.CMDLoss"' in api  # griffe documented this package, not the stdlib's cmd

@@ -7,6 +7,7 @@
   gives linear-probe features.
 * ``numerics="esvit"`` / ``"dino"`` reproduce EsViT's Swin / DINO's ViT exactly at every crop size
   (`cmd.backbones.numerics`); `create_backbone` picks them for EsViT / DINO checkpoints.
+* `load_pretrained` loads a cmd-fgvc training checkpoint in one call (the architecture is read from it).
 * `load_checkpoint` / `export_checkpoint` read and write DINO, EsViT/CMD (original Swin layout), timm and
   this library's checkpoints.
 
@@ -25,6 +26,7 @@ from .checkpoints import LoadReport, export_checkpoint, load_checkpoint, read_ch
 from .factory import ALIASES, create_backbone, resolve_model_name
 from .numerics import NUMERICS, apply_numerics
 from .output import BackboneOutput
+from .pretrained import load_pretrained
 
 __all__ = [
     "ALIASES",
@@ -37,6 +39,7 @@ __all__ = [
     "create_backbone",
     "export_checkpoint",
     "load_checkpoint",
+    "load_pretrained",
     "read_checkpoint_file",
     "resolve_model_name",
 ]

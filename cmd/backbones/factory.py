@@ -145,7 +145,22 @@ def create_backbone(
         return backbone
     from .checkpoints import _load
 
-    report, bad_numerics = _load(backbone, checkpoint, checkpoint_key, strict, trust_pickle)
+    try:
+        report, bad_numerics = _load(backbone, checkpoint, checkpoint_key, strict, trust_pickle)
+    except ValueError as err:  # a cmd-fgvc checkpoint stores its architecture: say how to load it in one call
+        from .pretrained import training_args
+
+        stored = training_args(checkpoint, trust_pickle=trust_pickle)
+        if stored is None:
+            raise
+        kwargs_text = ", ".join(f"{k}={v!r}" for k, v in (stored.get("backbone_kwargs") or {}).items())
+        raise ValueError(
+            f"{str(err).rstrip('.')}. This is a cmd-fgvc training checkpoint of {stored['arch']!r}"
+            + (f" with {kwargs_text}" if kwargs_text else "")
+            + ": load it in one call with cmd.load_pretrained(path), which reads these from the checkpoint"
+            + (f", or pass them: create_backbone({stored['arch']!r}, checkpoint=path, {kwargs_text})" if kwargs_text
+               else "")
+        ) from err
     if numerics is not None:
         stored = "stored" in report.numerics_source
         source = report.numerics_source if stored else "the checkpoint format"

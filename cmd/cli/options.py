@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,9 @@ EvaluateOptions = _schema("EvaluateOptions", None, {
     "map_at": option("retrieval", "mAP@R cut-off", POSITIVE, default=100),
 }, "The options of ``cmd-fgvc evaluate`` (all with defaults; no recipe).")
 
+# former option names (flag or --config key) -> current names; accepted with a deprecation note
+RENAMED_OPTIONS = {"cross_weight": "swapped_weight"}
+
 # options of the command line only: never in a --config file
 _COMMAND_LINE_ONLY = {"config", "print_config", "protocol"}
 
@@ -274,6 +278,10 @@ def _build(schema: type, resolve: Any, prog: str, description: str, epilog: str 
         else:  # the text is checked by the schema (the same checker as a file's or a recipe's value)
             group.add_argument(f"--{name}", choices=spec.choices, nargs=spec.nargs, metavar=spec.metavar,
                                help=help_text)
+    for old, new in RENAMED_OPTIONS.items():
+        spec = option_specs(schema).get(new)
+        if spec is not None:
+            p.add_argument(f"--{old}", nargs=spec.nargs, metavar=spec.metavar, help=f"deprecated name of --{new}")
     return p
 
 
@@ -333,7 +341,7 @@ def _read_config(parser: CommandParser, file: str, known: set[str]) -> dict[str,
     if not isinstance(data, dict):
         parser.error(f"--config {file}: expected a mapping of option names to values (e.g. 'epochs: 10'), "
                      f"got a {type(data).__name__}")
-    data = {str(k).lstrip("-"): v for k, v in data.items()}
+    data = _renamed({str(k).lstrip("-"): v for k, v in data.items()}, f"--config {file}: ", known)
     unknown = [k for k in data if k not in known]
     if unknown:
         hints = []
@@ -347,9 +355,23 @@ def _read_config(parser: CommandParser, file: str, known: set[str]) -> dict[str,
     return data
 
 
+def _renamed(values: dict[str, Any], where: str, known: set[str] | dict) -> dict[str, Any]:
+    """``values`` with former option names (`RENAMED_OPTIONS`) replaced by the current ones, with a note."""
+    out = {}
+    for key, value in values.items():
+        new = RENAMED_OPTIONS.get(key)
+        if new is not None and new in known:
+            message = f"{where}{key} is deprecated: use {where if where == '--' else ''}{new}"
+            warnings.warn(message, DeprecationWarning, stacklevel=3)
+            print(f"note: {message}", file=sys.stderr)
+            key = new
+        out[key] = value
+    return out
+
+
 def _resolve(parser: CommandParser, schema: type, argv: Sequence[str] | None, *, with_recipe: bool):
     """(options, namespace of the command-line-only arguments, source of each option)."""
-    flags = parser.given(list(sys.argv[1:] if argv is None else argv))
+    flags = _renamed(parser.given(list(sys.argv[1:] if argv is None else argv)), "--", option_specs(schema))
     specs = option_specs(schema)
     defaults = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
     cli_only = argparse.Namespace(**{k: flags.pop(k) for k in list(flags) if k not in specs})

@@ -48,7 +48,7 @@ from cmd.checkpoint import CheckpointError, read_checkpoint
 from cmd.cli.collapse import COLLAPSE_EXIT_STATUS, CollapseStop, CollapseWatch
 from cmd.cli.common import build_data as _build_data
 from cmd.cli.common import cli_message, run_command
-from cmd.cli.loggers import StepLoggers, build_step_loggers
+from cmd.cli.loggers import StepLoggers, build_step_loggers, show_progress
 from cmd.cli.options import build_pretrain_parser, parse_pretrain_args
 from cmd.cli.output_lock import OutputLock, OutputLockedError
 from cmd.cli.run_state import (
@@ -198,7 +198,7 @@ def knn_top1(backbone: nn.Module, args, device, k: int) -> float:
 # ------------------------------------------------------------------------------------- training
 
 # scalars summed over each epoch (log.jsonl) and logged per step (--logger); NaN ones are left out
-_EXTRA_TERMS = ("inter_teacher", "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy",
+_EXTRA_TERMS = ("inter_level_teacher", "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy",
                 "teacher_student_kl")
 
 
@@ -215,6 +215,7 @@ def _check_data(args: argparse.Namespace) -> Dataset:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    args.no_progress = not show_progress(args.no_progress)  # no bars into a redirected log (CMD_FGVC_PROGRESS=1 forces)
     dist.init_distributed_from_env()
     if args.supervised_reference and dist.is_dist():
         raise SystemExit("error: --supervised_reference runs in one process; run it without torchrun")
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
             image_weight=args.image_weight,
             region_weight=args.region_weight,
             inter_weight=args.inter_weight,
-            cross_weight=args.cross_weight,
+            swapped_weight=args.swapped_weight,
         ).items()
         if v is not None
     }
@@ -389,7 +390,8 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
         knn_history["before"] = knn_top1(teacher.backbone, args, device, args.knn_k)
         if rank == 0:
             print(f"teacher k-NN top-1 before training: {knn_history['before']:.2f} %")
-    step_log = build_step_loggers(args.logger, out_dir, resume_step=step) if rank == 0 else StepLoggers([])
+    step_log = (build_step_loggers(args.logger, out_dir, resume_step=step, config=_jsonable(vars(args))) if rank == 0
+                else StepLoggers([]))
 
     # ---- signals: save and exit at the end of the current step
     stop = {"signal": None}
@@ -510,7 +512,10 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                 save(out_dir / f"checkpoint{epoch + 1:04d}.pth", epoch=epoch + 1, epoch_step=0, step=step)
             if rank == 0:  # the log follows the checkpoint: written only once the epoch is saved
                 write_jsonl_atomic(log_path, history["epochs"])
-                print(format_epoch_line(record, args.epochs))
+                print(format_epoch_line(record, args.epochs, out_dim=args.out_dim))
+                step_log.log_epoch(step, record)  # the k-NN where measured
+                if last:
+                    step_log.log_summary(_jsonable(vars(args)), {"knn_top1": record.get("knn_top1"), "loss": record["loss"]})
             summary = record
             if should_stop() and not last:
                 if rank == 0:
@@ -529,8 +534,12 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     if args.supervised_reference:  # one process only (checked in main)
         reference = supervised_reference(args, device, total_steps, iters_per_epoch, knn_history)
         write_json_atomic(out_dir / "supervised_reference.json", reference)
+    if rank == 0:
+        print(f"checkpoint saved to {ckpt_path} (load it with cmd.load_pretrained)")
     if args.viz and rank == 0:
-        _save_visualisations(args, teacher, device, out_dir)
+        saved = _save_visualisations(args, teacher, device, out_dir)
+        step_log.log_images(step, {p.stem: p for p in saved if p.name in ("region_weights.png", "training_curves.png")})
+    step_log.finish()
     return {"interrupted": False, "step": step, "knn": dict(knn_history), **summary, "collapses": dict(watch.seen),
             **({"supervised_reference": reference} if reference is not None else {})}
 
@@ -637,14 +646,20 @@ def _jsonable(values: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 
+_MAX_HEATMAP_CLASSES = 20  # region_weights.png: one image per class up to this many classes
+
+
 def _save_visualisations(args, teacher, device, out_dir: Path) -> list[Path]:
     """``--viz``: training curves, region weights across classes, an embedding plot; returns the files.
 
-    - ``training_curves.png`` (per epoch, from log.jsonl), ``step_curves.png`` (per step, from the
-      run's CSV log when there is one), ``knn_over_epochs.png`` (when the log has k-NN rows);
-    - ``region_weights.png``: the teacher's MIL weights on one test image per class (up to 8 classes,
-      spread over the class list), titled with the class, with a colorbar, and the discriminative
-      part outlined where the dataset has masks (the synthetic data);
+    - ``training_curves.png`` (per epoch, from log.jsonl: the loss with its weighted terms, the
+      diagnostics, the teacher's entropies against log K, the k-NN where measured),
+      ``step_curves.png`` (per step, from the run's CSV log when there is one; constants left
+      out), ``knn_over_epochs.png`` (when the log has k-NN values);
+    - ``region_weights.png``: the teacher's MIL weights on one test image per class (every class up
+      to `_MAX_HEATMAP_CLASSES`, spread over the class list beyond; the title says how many), on
+      the token grid with one colour scale and the uniform level 1/N marked, titled with the
+      class, the discriminative part outlined where the dataset has masks (the synthetic data);
     - ``embedding.png``: t-SNE (PCA without scikit-learn) of the teacher's test features by class.
     The test split is used, or the train split when there is none.
     """
@@ -676,13 +691,17 @@ def _save_visualisations(args, teacher, device, out_dir: Path) -> list[Path]:
     class_names = getattr(data, "classes", None)
 
     if teacher.head.pooling is not None:  # with no MIL pooling (a dino run) there are no region weights
-        indices = viz.sample_across_classes(targets, per_class=1, max_images=8, seed=args.seed)
+        indices = viz.sample_across_classes(targets, per_class=1, max_images=_MAX_HEATMAP_CLASSES, seed=args.seed)
         samples = [data[i] for i in indices]
         images = torch.stack([s[0] for s in samples]).to(device)
         labels = [int(s[1]) for s in samples]
         part_masks = torch.stack([s[2] for s in samples]) if masks_kw else None
+        n_classes = len(set(int(t) for t in targets))
+        chosen = "every class" if len(indices) == n_classes else (
+            f"{len(indices)} of {n_classes} classes, evenly spaced (at most {_MAX_HEATMAP_CLASSES})")
         viz.save_attention_grid(teacher, images, out_dir / "region_weights.png", labels=labels,
-                                class_names=class_names, part_masks=part_masks)
+                                class_names=class_names, part_masks=part_masks, n_cols=min(5, len(indices)),
+                                title=f"the teacher's MIL weights on one {split} image of {chosen}")
         saved.append(out_dir / "region_weights.png")
 
     plain = build_data(args, split, transform) if masks_kw else data  # (image, label) samples

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ __all__ = [
     "format_epoch_line",
     "ignore_termination_signals",
     "resume_plan",
+    "round_floats",
     "write_jsonl_atomic",
 ]
 
@@ -61,9 +63,26 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def round_floats(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (ints, bools, strings kept).
+
+    Example:
+        >>> round_floats({"knn_top1": 67.10000000000001, "step": 31, "lr": [0.000123456789]})
+        {'knn_top1': 67.1, 'step': 31, 'lr': [0.000123457]}
+    """
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, Mapping):
+        return {k: round_floats(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_floats(v, digits) for v in value]
+    return value
+
+
 def write_jsonl_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Replace ``path`` by one JSON object per row (temporary file + ``os.replace``)."""
-    _replace_text(path, "".join(json.dumps(dict(r)) + "\n" for r in rows))
+    """Replace ``path`` by one JSON object per row (temporary file + ``os.replace``); floats are
+    written with 6 significant digits (`round_floats`: ``67.1``, not ``67.10000000000001``)."""
+    _replace_text(path, "".join(json.dumps(round_floats(dict(r))) + "\n" for r in rows))
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -91,22 +110,32 @@ def append_args_history(path: Path, args: Mapping[str, Any], *, resumed_at: Mapp
     os.replace(tmp, path)
 
 
-def _number(value: float) -> str:
-    if value == 0 or 1e-3 <= abs(value) < 1e5:
-        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 10 else f"{value:.1f}"
-    return f"{value:.2e}"
+def format_epoch_line(record: Mapping[str, Any], epochs: int, out_dim: int | None = None) -> str:
+    """A short summary of an epoch's row (the essentials, about 100 characters; log.jsonl has the rest).
 
+    Epoch and step, the loss, the teacher's entropy against log K (``out_dim``; near log K: uniform
+    collapse, near 0: one-hot), the k-NN top-1 where measured, a collapse, the time and throughput
+    (at most about 115 characters).
 
-def format_epoch_line(record: Mapping[str, Any], epochs: int) -> str:
-    """A readable summary of an epoch's row, e.g. ``epoch 2/10  loss 10.21  image 5.1 ... 312 img/s 4.1 s``."""
-    skip = {"epoch", "step", "images_per_s", "epoch_time_s", "peak_memory_mb"}
+    Example:
+        >>> format_epoch_line({"epoch": 2, "step": 62, "loss": 4.05361, "teacher_entropy": 2.2543,
+        ...                    "knn_top1": 67.1, "epoch_time_s": 20.3, "images_per_s": 48.8}, 10, out_dim=128)
+        'epoch 2/10  step 62  loss 4.054  H(P_t) 2.25 / log K 4.85  k-NN 67.10 %  20.3 s  48.8 img/s'
+    """
     parts = [f"epoch {record['epoch']}/{epochs}", f"step {record['step']}"]
-    parts += [f"{k} {_number(v)}" for k, v in record.items() if k not in skip and isinstance(v, (int, float))]
-    parts.append(f"{record.get('images_per_s', 0):.1f} img/s")
-    parts.append(f"{record.get('epoch_time_s', 0):.1f} s")
-    if record.get("peak_memory_mb"):
-        parts.append(f"peak {record['peak_memory_mb']:.0f} MiB")
-    return "  ".join(parts)
+    if isinstance(record.get("loss"), (int, float)):
+        parts.append(f"loss {record['loss']:.4g}")
+    if isinstance(record.get("teacher_entropy"), (int, float)):
+        parts.append(f"H(P_t) {record['teacher_entropy']:.2f}"
+                     + (f" / log K {math.log(out_dim):.2f}" if out_dim else ""))
+    if record.get("knn_top1") is not None:
+        parts.append(f"k-NN {record['knn_top1']:.2f} %")
+    if record.get("collapse"):
+        parts.append(f"collapse: {record['collapse']}")
+    seconds, speed = record.get("epoch_time_s", 0), record.get("images_per_s", 0)
+    parts.append(f"{seconds:.1f} s" if seconds < 100 else f"{seconds:.0f} s")
+    parts.append(f"{speed:.1f} img/s" if speed < 100 else f"{speed:.0f} img/s")
+    return "  ".join(parts)  # peak memory, every term, the schedules: in log.jsonl
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -138,7 +167,9 @@ class EpochStats:
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         if not state:
             return
-        saved = dict(zip(state["names"], state["sums"]))
+        from cmd.losses.cmd import DEPRECATED_TERM_NAMES  # a checkpoint written before the terms' rename
+
+        saved = {DEPRECATED_TERM_NAMES.get(n, n): v for n, v in zip(state["names"], state["sums"])}
         self.saved_sums = [float(saved.get(n, float("nan"))) for n in self.names]
         self.saved_count, self.saved_time = int(state["count"]), float(state.get("time", 0.0))
 

@@ -4,11 +4,15 @@ Each crop is a *bag* of its region tokens; with MIL weights ``w`` (rows sum to 1
 student ``log b_v = logsumexp_j(log w_v,j + log q_v,j)``, teacher ``beta_g = sum_i w_g,i Q_g,i``.
 For teacher crop g and student crop v != g (``G (V - 1)`` pairs):
 
-- ``I(g, v) = H(P_g, p_v)``                               intra-level, image (DINO)
-- ``R(g, v) = 1/N_v sum_j H(Q_g,m(j), q_v,j)``              intra-level, region (EsViT)
-- ``S(v) = KL(b_v || p_v)``                                inter-level inside the student (CMD)
-- ``T(g) = KL(beta_g || P_g)``                             inter-level inside the teacher: a diagnostic
-- ``X(g, v) = 1/2 [H(P_g, b_v) + H(beta_g, p_v)]``         cross-level teacher -> student (off by default)
+- ``I(g, v) = H(P_g, p_v)``                               intra-level, image (DINO); term ``image``
+- ``R(g, v) = 1/N_v sum_j H(Q_g,m(j), q_v,j)``              intra-level, region (EsViT); ``region``
+- ``S(v) = KL(b_v || p_v)``                                inter-level inside the student (CMD); ``inter_level``
+- ``T(g) = KL(beta_g || P_g)``                             inter-level inside the teacher: a diagnostic;
+                                                           ``inter_level_teacher``
+- ``X(g, v) = 1/2 [H(P_g, b_v) + H(beta_g, p_v)]``         swapped levels, teacher -> student (an extension,
+                                                           off by default); ``swapped``
+
+(The terms were named ``inter_student``, ``inter_teacher`` and ``cross`` before; `DEPRECATED_TERM_NAMES`.)
 
 ``L = mean_pairs[lambda_I I + lambda_R R + lambda_X X] + lambda_S mean_v S (+ lambda_K KoLeo)``, every H
 and KL averaged over the batch. The cross-entropy is linear in its target, so the targets of the
@@ -19,6 +23,7 @@ per student crop or region, the teacher's softmax once. Examples: `CMDLoss`, ``d
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -42,17 +47,44 @@ from cmd.losses.functional import (  # fmt: skip
 from cmd.losses.fused import fused_prototype_cross_entropy
 from cmd.schedules import teacher_temperature_schedule
 
-__all__ = ["CMDLoss", "CMDLossOutput", "TERM_NAMES", "diagnose_collapse"]
+__all__ = ["CMDLoss", "CMDLossOutput", "DEPRECATED_TERM_NAMES", "TERM_NAMES", "diagnose_collapse"]
 
 #: The keys of `CMDLossOutput.terms`, always all present (NaN where not computed).
 TERM_NAMES = (
-    "image", "region", "inter_student", "inter_teacher", "cross", "koleo",
+    "image", "region", "inter_level", "inter_level_teacher", "swapped", "koleo",
     "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy", "teacher_student_kl",
 )  # fmt: skip
+#: Earlier names of terms (logs written before the rename use them): old -> new. ``cross`` was the
+#: extension X (teacher image vs student bag, teacher bag vs student image: ``swapped``),
+#: ``inter_student`` / ``inter_teacher`` the S / T of the equations.
+DEPRECATED_TERM_NAMES = {"inter_student": "inter_level", "inter_teacher": "inter_level_teacher", "cross": "swapped"}
 _TINY = torch.finfo(torch.float32).tiny
+
+
+class _Terms(dict):
+    """`CMDLossOutput.terms`: a dict that still answers the old term names (with a DeprecationWarning)."""
+
+    def _renamed(self, key: object) -> object:
+        new = DEPRECATED_TERM_NAMES.get(key) if isinstance(key, str) else None
+        if new is not None:
+            warnings.warn(f"loss term {key!r} is now named {new!r}", DeprecationWarning, stacklevel=3)
+        return new
+
+    def __missing__(self, key: object) -> torch.Tensor:
+        new = self._renamed(key)
+        if new is None:
+            raise KeyError(key)
+        return self[new]
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or (isinstance(key, str) and key in DEPRECATED_TERM_NAMES
+                                                 and dict.__contains__(self, DEPRECATED_TERM_NAMES[key]))
+
+    def get(self, key: object, default: object = None) -> object:
+        return self[key] if key in self else default
 Teacher = CrossLevelOutput | torch.Tensor | Sequence[CrossLevelOutput | torch.Tensor]
-_WHY = {"tokens": "region_weight > 0 (matching)", "region": "region_weight > 0 or inter/cross_weight > 0",
-        "mil_weights": "inter_weight > 0 or cross_weight > 0 (the bags)", "pooled": "koleo_weight > 0",
+_WHY = {"tokens": "region_weight > 0 (matching)", "region": "region_weight > 0 or inter/swapped_weight > 0",
+        "mil_weights": "inter_weight > 0 or swapped_weight > 0 (the bags)", "pooled": "koleo_weight > 0",
         "region_embedding": "the fused region path (fused_chunk_size)", "image": "every preset",
         "prototypes": "the fused region path (fused_chunk_size)"}  # fmt: skip
 
@@ -61,8 +93,8 @@ _WHY = {"tokens": "region_weight > 0 (matching)", "region": "region_weight > 0 o
 class CMDLossOutput:
     """``loss``: 0-dim float32, the weighted total. ``terms``: detached 0-dim tensors, made without a host sync.
 
-    NaN where not computed (weight 0, or outputs absent): ``image``, ``region``, ``cross`` (means over
-    pairs of I, R, X), ``inter_student`` (mean of S), ``koleo``, ``inter_teacher`` (mean of T, a
+    NaN where not computed (weight 0, or outputs absent): ``image``, ``region``, ``swapped`` (means over
+    pairs of I, R, X), ``inter_level`` (mean of S), ``koleo``, ``inter_level_teacher`` (mean of T, a
     diagnostic). Collapse signals (`diagnose_collapse`): ``teacher_entropy`` = mean ``H(P_t)``;
     ``teacher_batch_entropy`` = ``H(mean_b P_t)`` over the global batch (all-reduced);
     ``teacher_region_entropy`` = mean ``H(Q)`` over teacher regions; ``teacher_student_kl`` = mean
@@ -132,7 +164,7 @@ class CMDLoss(nn.Module):
         warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: the teacher temperature
             (`cmd.schedules.teacher_temperature_schedule`, DINO's). student_temp: tau_s.
         center_momentum: m of both `Center` modules (``center`` image, ``region_center`` region).
-        image_weight, region_weight, inter_weight, cross_weight: lambda_I, lambda_R, lambda_S, lambda_X.
+        image_weight, region_weight, inter_weight, swapped_weight: lambda_I, lambda_R, lambda_S, lambda_X.
         koleo_weight: DINOv2's KoLeo term on the student's ``pooled`` image vectors of each global crop
             (the nearest neighbour within this process's batch, as DINOv2 does); 0 = off.
         centering, sinkhorn_iterations: ``"center"`` (DINO) or ``"sinkhorn"`` (DINOv2 / SwAV: `sinkhorn_knopp`
@@ -142,6 +174,7 @@ class CMDLoss(nn.Module):
         fused_chunk_size: None, or the fused region path (`cmd.losses.fused`, lambda_R > 0, lambda_X = 0):
             students give ``region_embedding`` + ``prototypes`` and the prototype layer, log-softmax,
             cross-entropy and bags run over chunks of this many crop-images.
+        cross_weight: deprecated name of ``swapped_weight`` (DeprecationWarning); None: not given.
 
     Attributes ``student_outputs`` / ``teacher_outputs``: the `CrossLevelOutput` fields the loss reads
     (pass them as ``network(crops, outputs=...)``); ``active_terms``: the terms with weight > 0.
@@ -160,25 +193,29 @@ class CMDLoss(nn.Module):
         ...                             torch.randn(crops * B, n, D), torch.full((crops * B, n), 1 / n))
         >>> loss_fn = CMDLoss.from_preset("cmd", out_dim=K, n_local_crops=3)
         >>> result = loss_fn([out(2, 4), out(3, 1)], out(2, 4), epoch=0)
-        >>> sorted(loss_fn.student_outputs), result.loss.dim(), bool(torch.isnan(result.terms["cross"]))
+        >>> sorted(loss_fn.student_outputs), result.loss.dim(), bool(torch.isnan(result.terms["swapped"]))
         (['image', 'mil_weights', 'region', 'tokens'], 0, True)
     """
 
     PRESETS: ClassVar[dict[str, dict[str, float]]] = {
-        "dino": {"image_weight": 1.0, "region_weight": 0.0, "inter_weight": 0.0, "cross_weight": 0.0},
-        "esvit": {"image_weight": 0.5, "region_weight": 0.5, "inter_weight": 0.0, "cross_weight": 0.0},
-        "cmd": {"image_weight": 0.5, "region_weight": 0.5, "inter_weight": 0.1, "cross_weight": 0.0},
+        "dino": {"image_weight": 1.0, "region_weight": 0.0, "inter_weight": 0.0, "swapped_weight": 0.0},
+        "esvit": {"image_weight": 0.5, "region_weight": 0.5, "inter_weight": 0.0, "swapped_weight": 0.0},
+        "cmd": {"image_weight": 0.5, "region_weight": 0.5, "inter_weight": 0.1, "swapped_weight": 0.0},
     }
 
     def __init__(  # fmt: skip
         self, out_dim: int, *, n_global_crops: int = 2, n_local_crops: int = 8,
         warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07, warmup_teacher_temp_epochs: int = 30,
         student_temp: float = 0.1, center_momentum: float = 0.9, image_weight: float = 0.5,
-        region_weight: float = 0.5, inter_weight: float = 0.1, cross_weight: float = 0.0, koleo_weight: float = 0.0,
+        region_weight: float = 0.5, inter_weight: float = 0.1, swapped_weight: float = 0.0, koleo_weight: float = 0.0,
         centering: Literal["center", "sinkhorn"] = "center", sinkhorn_iterations: int = 3,
-        validate: bool = False, fused_chunk_size: int | None = None,
+        validate: bool = False, fused_chunk_size: int | None = None, cross_weight: float | None = None,
     ) -> None:
         super().__init__()
+        if cross_weight is not None:  # the term's former name
+            warnings.warn("CMDLoss(cross_weight=...) is deprecated: the term is named 'swapped', pass swapped_weight=",
+                          DeprecationWarning, stacklevel=2)
+            swapped_weight = cross_weight
         for name, value, low in (("n_global_crops", n_global_crops, 1), ("n_local_crops", n_local_crops, 0),
                                  ("out_dim", out_dim, 2), ("sinkhorn_iterations", sinkhorn_iterations, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -186,7 +223,7 @@ class CMDLoss(nn.Module):
         if n_global_crops + n_local_crops < 2:
             raise ValueError(f"need at least 2 crops for a teacher/student pair; got {n_global_crops} + {n_local_crops}")
         weights = dict(image_weight=image_weight, region_weight=region_weight, inter_weight=inter_weight,
-                       cross_weight=cross_weight, koleo_weight=koleo_weight)
+                       swapped_weight=swapped_weight, koleo_weight=koleo_weight)
         for name, value in (*weights.items(), ("student_temp", student_temp)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
@@ -197,31 +234,37 @@ class CMDLoss(nn.Module):
         if centering not in ("center", "sinkhorn"):
             raise ValueError(f"centering must be 'center' or 'sinkhorn'; got {centering!r}")
         if fused_chunk_size is not None and (isinstance(fused_chunk_size, bool) or not isinstance(fused_chunk_size, int)
-                                             or fused_chunk_size < 1 or region_weight == 0 or cross_weight > 0):
-            raise ValueError(f"fused_chunk_size must be None or a positive int, with region_weight > 0 and cross_weight "
-                             f"== 0; got {fused_chunk_size!r}, region_weight={region_weight}, cross_weight={cross_weight}")
+                                             or fused_chunk_size < 1 or region_weight == 0 or swapped_weight > 0):
+            raise ValueError(f"fused_chunk_size must be None or a positive int, with region_weight > 0 and swapped_weight "
+                             f"== 0; got {fused_chunk_size!r}, region_weight={region_weight}, swapped_weight={swapped_weight}")
         self.out_dim, self.n_global_crops, self.n_local_crops = out_dim, n_global_crops, n_local_crops
         self.temperature_schedule = teacher_temperature_schedule(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
         self.student_temp = float(student_temp)
         self.image_weight, self.region_weight = float(image_weight), float(region_weight)
-        self.inter_weight, self.cross_weight, self.koleo_weight = float(inter_weight), float(cross_weight), float(koleo_weight)
+        self.inter_weight, self.swapped_weight, self.koleo_weight = float(inter_weight), float(swapped_weight), float(koleo_weight)
         self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
         self.validate, self.fused_chunk_size = bool(validate), fused_chunk_size
         self.center = Center(out_dim, center_momentum)
         self.region_center = Center(out_dim, center_momentum)
         self.register_load_state_dict_pre_hook(_load_legacy_centers)
         self.n_crops = n_global_crops + n_local_crops  # V
-        terms = {"image": image_weight, "region": region_weight, "inter_student": inter_weight,
-                 "cross": cross_weight, "koleo": koleo_weight}
+        terms = {"image": image_weight, "region": region_weight, "inter_level": inter_weight,
+                 "swapped": swapped_weight, "koleo": koleo_weight}
         self.active_terms = tuple(name for name, w in terms.items() if w > 0)
-        bags = inter_weight > 0 or cross_weight > 0
+        bags = inter_weight > 0 or swapped_weight > 0
         fields = {"image"} | ({"tokens"} if region_weight > 0 else set()) | ({"mil_weights"} if bags else set())
         fields |= {"pooled"} if koleo_weight > 0 else set()
         fields |= {"region_embedding", "prototypes"} if fused_chunk_size else {"region"} if region_weight > 0 or bags else set()
         self.student_outputs = frozenset(fields)
         fields = {"image"} | ({"region", "tokens"} if region_weight > 0 else set())
-        fields |= {"region", "mil_weights"} if cross_weight > 0 else {"mil_weights"} if inter_weight > 0 else set()
+        fields |= {"region", "mil_weights"} if swapped_weight > 0 else {"mil_weights"} if inter_weight > 0 else set()
         self.teacher_outputs = frozenset(fields)
+
+    @property
+    def cross_weight(self) -> float:
+        """Deprecated name of ``swapped_weight``."""
+        warnings.warn("CMDLoss.cross_weight is now swapped_weight", DeprecationWarning, stacklevel=2)
+        return self.swapped_weight
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> CMDLoss:
@@ -254,7 +297,7 @@ class CMDLoss(nn.Module):
         g, v, k = self.n_global_crops, self.n_crops, self.out_dim
         n_pairs, dev = g * (v - 1), teacher.image.device
         terms = dict.fromkeys(TERM_NAMES, torch.full((), float("nan"), device=dev))
-        bags, fused = self.inter_weight > 0 or self.cross_weight > 0, self.fused_chunk_size is not None
+        bags, fused = self.inter_weight > 0 or self.swapped_weight > 0, self.fused_chunk_size is not None
 
         with torch.autocast(device_type=dev.type, enabled=False):  # float32 throughout
             # image level: P_g [G * B, K]; log p_v [V * B, K]; aggregated targets T_v = sum_{g != v} P_g
@@ -273,7 +316,7 @@ class CMDLoss(nn.Module):
 
             # teacher regions: Q [G * B * N_t, K] and bags beta_g [G * B, K]
             region_probs = beta = None
-            if teacher.region is not None and (self.region_weight > 0 or self.cross_weight > 0):
+            if teacher.region is not None and (self.region_weight > 0 or self.swapped_weight > 0):
                 n_t = teacher.region.shape[1]
                 region_probs, region_log_probs = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t)
                 with torch.no_grad():
@@ -283,7 +326,7 @@ class CMDLoss(nn.Module):
                         w_t = normalise_weights(teacher.mil_weights).unsqueeze(1)
                         beta = torch.bmm(w_t, region_probs.view(g * b, n_t, k)).squeeze(1)
                         kl_t = (torch.special.xlogy(beta, beta) - beta * log_probs).sum(-1)
-                        terms["inter_teacher"] = kl_t.mean()
+                        terms["inter_level_teacher"] = kl_t.mean()
 
             # region level and student bags, one student group at a time
             region_sum, kl_sum, log_bags, first = 0.0, 0.0, [], 0
@@ -313,17 +356,17 @@ class CMDLoss(nn.Module):
                 terms["region"] = region_sum / n_pairs
                 loss = loss + self.region_weight * terms["region"]
             if bags and fused:
-                terms["inter_student"] = kl_sum / (v * b)
+                terms["inter_level"] = kl_sum / (v * b)
             elif bags:
                 log_b = torch.cat(log_bags)  # [V * B, K]
-                terms["inter_student"] = kl_rows(log_b, log_p).mean()
+                terms["inter_level"] = kl_rows(log_b, log_p).mean()
             if self.inter_weight > 0:
-                loss = loss + self.inter_weight * terms["inter_student"]
-            if self.cross_weight > 0:
+                loss = loss + self.inter_weight * terms["inter_level"]
+            if self.swapped_weight > 0:
                 bag_target = aggregate_targets(beta, *image_index)  # sum_{g != v} beta_g
                 h = -(image_target * log_b).sum() - (bag_target * log_p).sum()
-                terms["cross"] = 0.5 * h / (b * n_pairs)
-                loss = loss + self.cross_weight * terms["cross"]
+                terms["swapped"] = 0.5 * h / (b * n_pairs)
+                loss = loss + self.swapped_weight * terms["swapped"]
             if self.koleo_weight > 0:
                 pooled = student[0].pooled[: g * b].unflatten(0, (g, b))
                 terms["koleo"] = sum(koleo(x) for x in pooled) / g
@@ -333,7 +376,7 @@ class CMDLoss(nn.Module):
             self.update_centers(teacher)
         for name in TERM_NAMES:
             terms[name] = terms[name].detach()
-        return CMDLossOutput(loss=loss, terms=terms)
+        return CMDLossOutput(loss=loss, terms=_Terms(terms))
 
     def _teacher_probs(self, logits: torch.Tensor, center: Center, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher ``(P, log P)`` [R, K] float32 by centering or Sinkhorn-Knopp (log P finite: >= log tiny)."""
@@ -392,7 +435,7 @@ class CMDLoss(nn.Module):
             raise ValueError(f"the first student group must start with the {g} global crops ({g * b} rows); it has "
                              f"{rows[0]} rows (global crops split across groups are not supported)")
         d = teacher.tokens.shape[-1] if teacher.tokens is not None and teacher.tokens.dim() == 3 else None
-        need_t = self.teacher_outputs - ({"mil_weights"} if self.cross_weight == 0 else set())
+        need_t = self.teacher_outputs - ({"mil_weights"} if self.swapped_weight == 0 else set())
         need_t |= {"mil_weights"} if teacher.mil_weights is not None and teacher.region is not None else set()
         for i, o in enumerate([teacher, *student]):
             name, need = ("teacher", need_t) if i == 0 else (f"student[{i - 1}]", self.student_outputs)

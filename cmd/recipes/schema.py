@@ -266,8 +266,9 @@ class Config:
                                          optional(NON_NEGATIVE_FLOAT))
     inter_weight: float | None = option("loss", "weight of the inter-level (MIL bag) term; null: the --loss "
                                         "preset's", optional(NON_NEGATIVE_FLOAT))
-    cross_weight: float | None = option("loss", "weight of the cross-level term; null: the --loss preset's",
-                                        optional(NON_NEGATIVE_FLOAT))
+    swapped_weight: float | None = option("loss", "weight of the swapped-level term (teacher image -> student bag, "
+                                          "teacher bag -> student image; an extension, off in every preset); null: "
+                                          "the --loss preset's", optional(NON_NEGATIVE_FLOAT))
     teacher_temp: float = option("loss", "teacher temperature after the warm-up", POSITIVE_FLOAT)
     warmup_teacher_temp: float = option("loss", "teacher temperature at the start of the warm-up", POSITIVE_FLOAT)
     warmup_teacher_temp_epochs: int = option("loss", "epochs of linear teacher-temperature warm-up", NON_NEGATIVE)

@@ -227,8 +227,9 @@ def test_full_disk_is_reported_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------- issue 16 section 4: tracking
-def test_step_scalars_to_csv_and_tensorboard_and_knn_in_the_log(tmp_path, capsys):
+def test_step_scalars_to_csv_and_tensorboard_and_knn_in_the_log(tmp_path, capsys, monkeypatch):
     pytest.importorskip("tensorboard")
+    monkeypatch.setenv("CMD_FGVC_PROGRESS", "1")  # bars although stderr is captured (not a terminal)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     with warnings.catch_warnings():
@@ -240,7 +241,7 @@ def test_step_scalars_to_csv_and_tensorboard_and_knn_in_the_log(tmp_path, capsys
     assert "epoch 2/2  step 8  loss " in captured.out and "{" not in captured.out
     rows = _steps(tmp_path)
     assert len(rows) == 8
-    for key in ("loss", "image", "region", "inter_student", "lr", "weight_decay", "teacher_momentum", "teacher_temp",
+    for key in ("loss", "image", "region", "inter_level", "lr", "weight_decay", "teacher_momentum", "teacher_temp",
                 "teacher_entropy", "teacher_batch_entropy", "teacher_student_kl", "images_per_s"):
         assert rows[0][key] != "", key
     (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")

@@ -11,7 +11,7 @@ from tests.dist_utils import run_distributed
 
 WORLD, B_LOCAL, K = 2, 2, 16
 STUDENT_GROUPS, TEACHER_GROUPS = [(2, 3), (2, 2)], [(2, 3)]
-WEIGHTS = dict(image_weight=0.5, region_weight=0.5, inter_weight=0.2, cross_weight=0.3)
+WEIGHTS = dict(image_weight=0.5, region_weight=0.5, inter_weight=0.2, swapped_weight=0.3)
 
 
 def _batch(seed: int, batch: int):

@@ -49,7 +49,7 @@ def test_default_run_reduced(pretrain, tmp_path):
     assert {"before", "after"} <= set(result["knn"])
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2
-    for key in ("loss", "image", "region", "inter_student", "inter_teacher", "teacher_entropy", "lr",
+    for key in ("loss", "image", "region", "inter_level", "inter_level_teacher", "teacher_entropy", "lr",
                 "weight_decay", "teacher_momentum", "teacher_temp", "images_per_s", "epoch_time_s"):
         assert key in log[0], key
     import cmd

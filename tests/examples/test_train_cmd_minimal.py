@@ -22,7 +22,7 @@ def test_minimal_example_runs_reduced():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"k-NN top-1 before training: \d+\.\d %", out), out
-    assert re.search(r"epoch 1/1  loss \d+\.\d+  image \d+\.\d+  region \d+\.\d+  inter_student \d+\.\d+", out), out
+    assert re.search(r"epoch 1/1  loss \d+\.\d+  image \d+\.\d+  region \d+\.\d+  inter_level \d+\.\d+", out), out
     assert re.search(r"k-NN top-1 after training: \d+\.\d %", out), out
 
 

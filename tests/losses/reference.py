@@ -51,12 +51,12 @@ class ReferenceCMD:
     """
 
     def __init__(self, out_dim, n_global=2, n_crops=10, *, image_weight=0.5, region_weight=0.5, inter_weight=0.1,
-                 cross_weight=0.0, student_temp=0.1, center_momentum=0.9, warmup=0.04, final=0.07,
+                 swapped_weight=0.0, student_temp=0.1, center_momentum=0.9, warmup=0.04, final=0.07,
                  warmup_epochs=30, n_epochs=100):
         self.center = torch.zeros(1, out_dim, dtype=torch.float64)
         self.region_center = torch.zeros(1, out_dim, dtype=torch.float64)
         self.G, self.V = n_global, n_crops
-        self.w = dict(I=image_weight, R=region_weight, S=inter_weight, X=cross_weight)
+        self.w = dict(I=image_weight, R=region_weight, S=inter_weight, X=swapped_weight)
         self.ts, self.m = student_temp, center_momentum
         self.sched = (warmup, final, warmup_epochs, n_epochs)
 
@@ -79,7 +79,7 @@ class ReferenceCMD:
             t_w = crops_of(teacher, B, "mil_weights")
         log_p = [F.log_softmax(x.double() / self.ts, dim=-1) for x in s_img]
 
-        terms = {k: 0.0 for k in ("image", "region", "cross")}
+        terms = {k: 0.0 for k in ("image", "region", "swapped")}
         n_pairs = 0
         for g in range(G):
             for v in range(V):
@@ -104,17 +104,17 @@ class ReferenceCMD:
                     bag_v = self.student_bag(s_reg[v], s_w[v])
                     beta_g = (t_w[g].unsqueeze(-1) * Q[g]).sum(1)
                     x = 0.5 * (cross_entropy(P[g], bag_v.log()) + cross_entropy(beta_g, log_p[v]))
-                    terms["cross"] = terms["cross"] + x.mean()
-        for k in ("image", "region", "cross"):
+                    terms["swapped"] = terms["swapped"] + x.mean()
+        for k in ("image", "region", "swapped"):
             terms[k] = terms[k] / n_pairs
         if self.w["S"] > 0:
-            terms["inter_student"] = torch.stack(
+            terms["inter_level"] = torch.stack(
                 [kl(self.student_bag(s_reg[v], s_w[v]), log_p[v].exp()).mean() for v in range(V)]
             ).mean()
         else:
-            terms["inter_student"] = 0.0
+            terms["inter_level"] = 0.0
         if has_region and t_w[0] is not None:
-            terms["inter_teacher"] = torch.stack(
+            terms["inter_level_teacher"] = torch.stack(
                 [kl((t_w[g].unsqueeze(-1) * Q[g]).sum(1), P[g]).mean() for g in range(G)]
             ).mean()
         terms["teacher_entropy"] = torch.stack([-(P[g] * P[g].log()).sum(-1).mean() for g in range(G)]).mean()
@@ -126,8 +126,8 @@ class ReferenceCMD:
         terms["teacher_student_kl"] = torch.stack(
             [kl(P[g], log_p[v].exp()).mean() for g in range(G) for v in range(V) if v != g]
         ).mean()
-        loss = (self.w["I"] * terms["image"] + self.w["R"] * terms["region"] + self.w["X"] * terms["cross"]
-                + self.w["S"] * terms["inter_student"])
+        loss = (self.w["I"] * terms["image"] + self.w["R"] * terms["region"] + self.w["X"] * terms["swapped"]
+                + self.w["S"] * terms["inter_level"])
         # centers, after the loss: mean over all teacher rows (image) and all tokens (region)
         self.center = self.center * self.m + t_img.mean(0, keepdim=True) * (1 - self.m)
         if has_region:

@@ -95,7 +95,7 @@ def test_non_finite_tokens_do_not_give_a_finite_loss():
 def test_a_loss_without_an_active_term_is_refused():
     """issue 15 #10: all weights 0 gave a loss of 0.0."""
     with pytest.raises(ValueError, match="no active term"):
-        CMDLoss.from_preset("cmd", out_dim=8, image_weight=0, region_weight=0, inter_weight=0, cross_weight=0)
+        CMDLoss.from_preset("cmd", out_dim=8, image_weight=0, region_weight=0, inter_weight=0, swapped_weight=0)
 
 
 def test_collapse_signals_and_diagnosis():

@@ -12,9 +12,9 @@ from cmd.losses import TERM_NAMES, CMDLoss, DINOLoss
 from tests.losses.reference import ReferenceCMD, as_float64, make_outputs
 
 PRESET_WEIGHTS = {
-    "dino": dict(image_weight=1.0, region_weight=0.0, inter_weight=0.0, cross_weight=0.0),
-    "esvit": dict(image_weight=0.5, region_weight=0.5, inter_weight=0.0, cross_weight=0.0),
-    "cmd": dict(image_weight=0.5, region_weight=0.5, inter_weight=0.1, cross_weight=0.0),
+    "dino": dict(image_weight=1.0, region_weight=0.0, inter_weight=0.0, swapped_weight=0.0),
+    "esvit": dict(image_weight=0.5, region_weight=0.5, inter_weight=0.0, swapped_weight=0.0),
+    "cmd": dict(image_weight=0.5, region_weight=0.5, inter_weight=0.1, swapped_weight=0.0),
 }
 
 
@@ -42,9 +42,9 @@ def test_preset_equals_per_pair_loops_over_successive_calls_and_epochs(preset, b
         torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(loss_fn.center.value.double(), ref.center, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(loss_fn.region_center.value.double(), ref.region_center, rtol=1e-5, atol=1e-6)
-        for name in ("image", "region", "inter_teacher", "teacher_entropy", "teacher_student_kl",
+        for name in ("image", "region", "inter_level_teacher", "teacher_entropy", "teacher_student_kl",
                      "teacher_batch_entropy", "teacher_region_entropy") + (
-            ("inter_student",) if preset == "cmd" else ()
+            ("inter_level",) if preset == "cmd" else ()
         ):
             torch.testing.assert_close(out.terms[name].double(), torch.as_tensor(ref_terms[name]).double(),
                                        rtol=1e-4, atol=1e-5, msg=f"term {name}")
@@ -62,14 +62,14 @@ def test_dino_preset_equals_dino_loss_without_region_outputs():
         torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(cmd_loss.center.value, dino_loss.center.value)
         assert torch.all(cmd_loss.region_center.value == 0)
-        for name in ("region", "inter_student", "inter_teacher", "cross"):
+        for name in ("region", "inter_level", "inter_level_teacher", "swapped"):
             assert torch.isnan(out.terms[name]), name
         assert set(out.terms) == set(TERM_NAMES)
 
 
 def test_cross_term_equals_reference():
     batch, out_dim, groups = 2, 8, [(2, 3), (2, 2)]
-    kw = dict(image_weight=0.3, region_weight=0.2, inter_weight=0.4, cross_weight=0.7)
+    kw = dict(image_weight=0.3, region_weight=0.2, inter_weight=0.4, swapped_weight=0.7)
     loss_fn = CMDLoss(out_dim, n_global_crops=2, n_local_crops=2, **kw)
     ref = ReferenceCMD(out_dim, 2, 4, **kw)
     for step in range(2):
@@ -77,21 +77,21 @@ def test_cross_term_equals_reference():
         expected, terms = ref(as_float64(s), as_float64(t), 5)
         out = loss_fn(s, t, 5)
         torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(out.terms["cross"].double(), terms["cross"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.terms["swapped"].double(), terms["swapped"], rtol=1e-5, atol=1e-6)
 
 
 def test_cross_term_without_region_term_equals_reference():
-    kw = dict(image_weight=0.5, region_weight=0.0, inter_weight=0.0, cross_weight=1.0)
+    kw = dict(image_weight=0.5, region_weight=0.0, inter_weight=0.0, swapped_weight=1.0)
     s, t = _case(0, 2, [(2, 3), (1, 2)], [(2, 3)], 8)
     expected, _ = ReferenceCMD(8, 2, 3, **kw)(as_float64(s), as_float64(t), 0)
     out = CMDLoss(8, n_global_crops=2, n_local_crops=1, **kw)(s, t, 0)
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cross_weight", [0.0, 0.5])
-def test_gradients_equal_reference_autograd(cross_weight):
+@pytest.mark.parametrize("swapped_weight", [0.0, 0.5])
+def test_gradients_equal_reference_autograd(swapped_weight):
     batch, out_dim, groups = 2, 8, [(2, 3), (2, 2)]
-    kw = dict(image_weight=0.5, region_weight=0.5, inter_weight=0.3, cross_weight=cross_weight)
+    kw = dict(image_weight=0.5, region_weight=0.5, inter_weight=0.3, swapped_weight=swapped_weight)
     s, t = _case(0, batch, groups, [(2, 3)], out_dim, zero_weights=True)
     for o in s:
         for x in (o.image, o.region, o.mil_weights):
@@ -112,7 +112,7 @@ def test_gradients_equal_reference_autograd(cross_weight):
         assert torch.isfinite(ours.mil_weights.grad).all()
 
 
-def test_inter_student_gradient_reaches_region_weights_and_image_but_never_the_teacher():
+def test_inter_level_gradient_reaches_region_weights_and_image_but_never_the_teacher():
     s, t = _case(0, 2, [(2, 3), (2, 2)], [(2, 3)], 8, requires_grad=True)
     out = CMDLoss(8, n_global_crops=2, n_local_crops=2, image_weight=0.0, region_weight=0.0, inter_weight=1.0)(s, t, 0)
     out.loss.backward()
@@ -127,7 +127,7 @@ def test_inter_student_gradient_reaches_region_weights_and_image_but_never_the_t
 
 def test_teacher_gets_no_gradient_with_every_term_on():
     s, t = _case(0, 2, [(2, 3), (2, 2)], [(2, 3)], 8, requires_grad=True)
-    out = CMDLoss(8, n_global_crops=2, n_local_crops=2, cross_weight=0.5)(s, t, 0)
+    out = CMDLoss(8, n_global_crops=2, n_local_crops=2, swapped_weight=0.5)(s, t, 0)
     out.loss.backward()
     for o in t:
         assert all(getattr(o, name).grad is None for name in ("image", "region", "tokens", "mil_weights"))
@@ -136,7 +136,7 @@ def test_teacher_gets_no_gradient_with_every_term_on():
 
 def test_forward_never_synchronises_with_the_host(monkeypatch):
     s, t = _case(0, 2, [(2, 3), (2, 2)], [(2, 3)], 8)
-    loss_fn = CMDLoss(8, n_global_crops=2, n_local_crops=2, cross_weight=0.5)
+    loss_fn = CMDLoss(8, n_global_crops=2, n_local_crops=2, swapped_weight=0.5)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation inside forward")
@@ -151,16 +151,16 @@ def test_forward_never_synchronises_with_the_host(monkeypatch):
 def test_terms_are_nan_only_where_not_computed():
     s, t = _case(0, 2, [(2, 3), (2, 2)], [(2, 3)], 8)
     esvit = CMDLoss.from_preset("esvit", out_dim=8, n_local_crops=2)(s, t, 0).terms
-    assert torch.isnan(esvit["inter_student"]) and torch.isnan(esvit["cross"])
-    assert all(torch.isfinite(esvit[n]) for n in ("image", "region", "inter_teacher", "teacher_entropy"))
+    assert torch.isnan(esvit["inter_level"]) and torch.isnan(esvit["swapped"])
+    assert all(torch.isfinite(esvit[n]) for n in ("image", "region", "inter_level_teacher", "teacher_entropy"))
     no_teacher_weights = [CrossLevelOutput(o.image, o.region, o.tokens) for o in t]
     terms = CMDLoss.from_preset("cmd", out_dim=8, n_local_crops=2)(s, no_teacher_weights, 0).terms
-    assert torch.isnan(terms["inter_teacher"]) and torch.isfinite(terms["inter_student"])
+    assert torch.isnan(terms["inter_level_teacher"]) and torch.isfinite(terms["inter_level"])
 
 
 def test_from_preset_overrides_and_errors():
     loss_fn = CMDLoss.from_preset("cmd", out_dim=16, inter_weight=0.2, n_local_crops=6)
-    assert (loss_fn.image_weight, loss_fn.region_weight, loss_fn.inter_weight, loss_fn.cross_weight) == (0.5, 0.5, 0.2, 0.0)
+    assert (loss_fn.image_weight, loss_fn.region_weight, loss_fn.inter_weight, loss_fn.swapped_weight) == (0.5, 0.5, 0.2, 0.0)
     assert loss_fn.n_crops == 8
     with pytest.raises(ValueError, match="unknown preset 'byol'"):
         CMDLoss.from_preset("byol", out_dim=16)
@@ -210,3 +210,25 @@ def test_gradient_accumulation_centers_and_resume():
     c = CMDLoss(8, n_global_crops=2, n_local_crops=2)
     c.load_state_dict(a.state_dict())
     torch.testing.assert_close(c(s1, t1, 3).loss, a(s1, t1, 3).loss)
+
+
+def test_former_term_names_still_work_with_a_deprecation_warning():
+    """inter_student / inter_teacher / cross and cross_weight were renamed (issue 26): old code keeps working."""
+    from cmd.losses.cmd import DEPRECATED_TERM_NAMES
+
+    with pytest.warns(DeprecationWarning, match="swapped_weight"):
+        loss_fn = CMDLoss(8, n_global_crops=2, n_local_crops=2, cross_weight=0.5)
+    assert loss_fn.swapped_weight == 0.5 and "swapped" in loss_fn.active_terms
+    with pytest.warns(DeprecationWarning):
+        assert loss_fn.cross_weight == 0.5
+    s, t = _case(0, 2, [(2, 3), (2, 2)], [(2, 3)], 8)
+    terms = loss_fn(s, t, 0).terms
+    assert set(terms) == set(TERM_NAMES) and not set(DEPRECATED_TERM_NAMES) & set(terms)
+    for old, new in DEPRECATED_TERM_NAMES.items():
+        assert old in terms
+        with pytest.warns(DeprecationWarning, match=new):
+            torch.testing.assert_close(terms[old], terms[new], equal_nan=True)
+        with pytest.warns(DeprecationWarning):
+            assert terms.get(old) is terms[new]
+    with pytest.raises(KeyError):
+        terms["no_such_term"]

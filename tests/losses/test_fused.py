@@ -140,7 +140,7 @@ def test_cmd_loss_fused_equals_plain_loss_values_and_gradients(chunk):
         results[name] = (out, grads, loss_fn.region_center.value.clone())
     (p_out, p_grads, p_center), (f_out, f_grads, f_center) = results["plain"], results["fused"]
     torch.testing.assert_close(f_out.loss, p_out.loss, rtol=1e-5, atol=1e-6)
-    for term in ("image", "region", "inter_student", "inter_teacher", "teacher_entropy", "teacher_region_entropy"):
+    for term in ("image", "region", "inter_level", "inter_level_teacher", "teacher_entropy", "teacher_region_entropy"):
         torch.testing.assert_close(f_out.terms[term], p_out.terms[term], rtol=1e-5, atol=1e-6, msg=term)
     assert set(f_grads) == set(p_grads) and any("pooling" in n for n in f_grads)
     for n in p_grads:
@@ -161,8 +161,8 @@ def test_embedding_head_output_reproduces_region_logits():
 
 
 def test_cmd_loss_fused_errors():
-    with pytest.raises(ValueError, match="cross_weight"):
-        CMDLoss(8, n_global_crops=2, n_local_crops=1, cross_weight=0.5, fused_chunk_size=4)
+    with pytest.raises(ValueError, match="swapped_weight"):
+        CMDLoss(8, n_global_crops=2, n_local_crops=1, swapped_weight=0.5, fused_chunk_size=4)
     with pytest.raises(ValueError, match="fused_chunk_size"):
         CMDLoss(8, n_global_crops=2, n_local_crops=1, fused_chunk_size=0)
     loss_fn = CMDLoss(8, n_global_crops=2, n_local_crops=1, fused_chunk_size=4)

@@ -59,13 +59,13 @@ def test_cmd_loss_is_finite_and_kl_terms_non_negative(scale, mode, zero_weights,
     g = torch.Generator().manual_seed(seed)
     student = _outputs([(2, 3), (2, 2)], mode, scale, zero_weights, dtype, g, teacher=False)
     teacher = _outputs([(2, 3)], mode, scale, zero_weights, dtype, g, teacher=True)
-    loss_fn = CMDLoss(K, n_global_crops=2, n_local_crops=2, cross_weight=0.3, centering=centering)
+    loss_fn = CMDLoss(K, n_global_crops=2, n_local_crops=2, swapped_weight=0.3, centering=centering)
     loss_fn.center.value.normal_(generator=g)
     out = loss_fn(student, teacher, epoch)
     assert torch.isfinite(out.loss), out.terms
     for name, value in out.terms.items():
         assert torch.isfinite(value) or name == "koleo", name
-    for name in ("inter_student", "inter_teacher", "teacher_student_kl"):
+    for name in ("inter_level", "inter_level_teacher", "teacher_student_kl"):
         assert out.terms[name] >= -1e-5, (name, out.terms[name])
     out.loss.backward()
     for o in student:

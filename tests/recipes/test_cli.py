@@ -21,7 +21,7 @@ OLD_DEFAULTS = {
     "init": None, "init_key": "teacher", "init_partial": False, "out_dim": 128, "head_hidden_dim": 256,
     "head_bottleneck_dim": 64, "norm_last_layer": True, "mil_pooling": "gated_attention", "image_input": "pooled",
     "head_bn": True, "share_prototypes": False, "loss": "cmd", "image_weight": None, "region_weight": None,
-    "inter_weight": None, "cross_weight": None, "teacher_temp": 0.03, "warmup_teacher_temp": 0.03,
+    "inter_weight": None, "swapped_weight": None, "teacher_temp": 0.03, "warmup_teacher_temp": 0.03,
     "warmup_teacher_temp_epochs": 0, "student_temp": 0.1, "center_momentum": 0.9, "centering": "center",
     "koleo_weight": 0.0, "epochs": 10, "batch_size_per_gpu": 32, "lr": 0.004, "min_lr": 1e-06, "warmup_epochs": 1,
     "weight_decay": 0.04, "weight_decay_end": 0.04, "momentum_teacher": 0.99, "clip_grad": 3.0,

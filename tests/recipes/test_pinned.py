@@ -38,7 +38,7 @@ GOLDEN: dict[str, tuple[object, str]] = {
     "image_weight": (None, "the preset's 0.5 (EsViT's half of each pair; differences.md 7)"),
     "region_weight": (None, "the preset's 0.5 (differences.md 7)"),
     "inter_weight": (None, "the preset's (the official term has no direct counterpart, differences.md 7)"),
-    "cross_weight": (None, "the preset's 0: no cross-level term in the official code"),
+    "swapped_weight": (None, "the preset's 0: no swapped-level term in the official code"),
     "teacher_temp": (0.07, "train_nfg.bat:5 --teacher_temp 0.07"),
     "warmup_teacher_temp": (0.04, "main_esvit.py:92"),
     "warmup_teacher_temp_epochs": (30, "train_nfg.bat:5 --warmup_teacher_temp_epochs 30"),
