@@ -97,6 +97,7 @@ _SUBMODULES = (
     "eval",
     "viz",
     "training",
+    "recipes",
 )
 
 _STDLIB_ALL = ["Cmd", "PROMPT", "IDENTCHARS"]
