@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     # One loader pass spans all the remaining epochs (workers prefetch across the epoch boundaries).
     try:
         loader = training.build_train_loader(
-            args, _check_data(args), rank=rank, world_size=world, pin_memory=device.type == "cuda",
-            worker_init_fn=ignore_termination_signals,
+            args, _check_data(args), seed=args.seed, rank=rank, world_size=world, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda", worker_init_fn=ignore_termination_signals,
         )
     except ValueError as err:  # smaller than one batch
         raise SystemExit(f"{err}: lower --batch_size_per_gpu") from err

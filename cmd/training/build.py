@@ -9,6 +9,8 @@ the same initial weights, data order, crops, loss, optimiser and per-step schedu
 Example:
     >>> import cmd, torch
     >>> cfg = cmd.recipes.get("demo")  # doctest: +SKIP
+    >>> data = cmd.SyntheticFineGrained(n_classes=10, n_per_class=100, image_size=32, difficulty="demo")  # doctest: +SKIP
+    >>> loader = build_train_loader(cfg, data, seed=0)  # doctest: +SKIP
     >>> loss = build_loss(cfg)  # doctest: +SKIP
     >>> torch.manual_seed(cfg.seed)  # doctest: +SKIP
     >>> student = build_network(cfg, outputs=loss.student_outputs)  # doctest: +SKIP
@@ -58,6 +60,8 @@ N_GLOBAL_CROPS = 2  # DINO / EsViT / CMD: two global crops, the teacher's inputs
 def build_data(cfg: Any, split: str, transform: Callable[[Any], Any] | None = None, **synthetic: Any) -> Dataset:
     """The ``split`` of the config's dataset: ``cfg.dataset`` with ``cfg.data_path``, or the synthetic set.
 
+    ``cfg`` holds the data options of ``cmd-fgvc pretrain`` (its parsed options do; a recipe of
+    `cmd.recipes` holds the method only: build the dataset directly, e.g. `cmd.SyntheticFineGrained`).
     Reads ``dataset``, ``data_path``, and for ``dataset == "synthetic"`` ``synthetic_classes``,
     ``synthetic_per_class``, ``synthetic_image_size``, ``seed`` (and, when present,
     ``synthetic_difficulty``, ``synthetic_class_hue``, ``synthetic_clutter``). ``synthetic`` goes
@@ -100,48 +104,49 @@ def build_multicrop(cfg: Any) -> MultiCropAugmentation:
 
 def build_train_loader(
     cfg: Any,
-    dataset: Dataset | None = None,
+    dataset: Dataset,
     *,
+    seed: int,
     rank: int = 0,
     world_size: int = 1,
+    num_workers: int = 0,
     pin_memory: bool = False,
     worker_init_fn: Callable[[int], None] | None = None,
 ) -> DataLoader:
     """The program's training loader: seeded multi-crop views in a resumable, per-epoch order.
 
-    ``dataset`` (default ``build_data(cfg, "train")``) is wrapped in `SeededMultiCrop` with
-    `build_multicrop` and ``cfg.seed``; its order comes from a `DistributedSampler` (``shuffle``,
-    ``seed=cfg.seed``, ``drop_last``) behind an `EpochIndexSampler` (``loader.sampler``) that yields
-    whole batches of ``cfg.batch_size_per_gpu`` per epoch. Select the epochs with
-    ``loader.sampler.set_epochs(start, stop, skip)`` before iterating; one iteration then spans
-    them all (workers and prefetching stay alive across the epoch boundaries). Batches are lists of
-    ``2 + L`` crop tensors ``[B, 3, H, W]`` (`cmd.multicrop_collate`) and labels ``[B]``.
+    ``dataset`` (``(image, label)`` samples, e.g. `cmd.SyntheticFineGrained` or `build_data`) is
+    wrapped in `SeededMultiCrop` with `build_multicrop` and ``seed``; its order comes from a
+    `DistributedSampler` (``shuffle``, ``seed``, ``drop_last``) behind an `EpochIndexSampler`
+    (``loader.sampler``) that yields whole batches of ``cfg.batch_size_per_gpu`` per epoch. Select
+    the epochs with ``loader.sampler.set_epochs(start, stop, skip)`` before iterating; one iteration
+    then spans them all (workers and prefetching stay alive across the epoch boundaries; split it
+    with `epoch_batches`, ``len(loader) // (stop - start)`` batches per whole epoch). Batches are
+    lists of ``2 + L`` crop tensors ``[B, 3, H, W]`` (`cmd.multicrop_collate`) and labels ``[B]``.
 
-    Reads ``seed``, ``batch_size_per_gpu``, ``num_workers`` and what `build_multicrop` reads.
+    Reads ``batch_size_per_gpu`` and what `build_multicrop` reads.
 
     Raises:
         ValueError: the dataset is smaller than one batch per process.
     """
-    data = build_data(cfg, "train") if dataset is None else dataset
-    train_set = SeededMultiCrop(data, build_multicrop(cfg), cfg.seed)
-    base = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+    train_set = SeededMultiCrop(dataset, build_multicrop(cfg), seed)
+    base = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                               drop_last=True)
     if len(base) < cfg.batch_size_per_gpu:
         raise ValueError(
             f"the training set ({len(train_set)} images over {world_size} processes) is smaller than one batch "
             f"of batch_size_per_gpu={cfg.batch_size_per_gpu}"
         )
-    workers = int(getattr(cfg, "num_workers", 0))
     return DataLoader(
         train_set,
         sampler=EpochIndexSampler(base, batch_size=cfg.batch_size_per_gpu),
         batch_size=cfg.batch_size_per_gpu,
-        num_workers=workers,
+        num_workers=num_workers,
         collate_fn=multicrop_collate,
         drop_last=True,
         pin_memory=pin_memory,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=worker_init_fn if workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=worker_init_fn if num_workers > 0 else None,
     )
 
 
@@ -183,7 +188,7 @@ def build_network(cfg: Any, *, outputs: frozenset[str] | None = None) -> CMDNetw
     the backbone starts from that checkpoint (``init_key``; ``init_partial`` loads what fits);
     ``network.backbone.load_report`` then says what loaded.
 
-    Reads ``arch``, ``backbone_kwargs``, ``init``, ``init_key``, ``init_partial``, ``out_dim``,
+    Reads ``arch``, ``backbone_kwargs``, ``drop_path`` (timm's ``drop_path_rate``; 0 or absent: none), ``init``, ``init_key``, ``init_partial``, ``out_dim``,
     ``head_hidden_dim``, ``head_bottleneck_dim``, ``mil_pooling``, ``image_input``,
     ``norm_last_layer``, ``share_prototypes``, ``head_bn``, ``loss``, ``fused_region_chunk``.
 
@@ -201,7 +206,10 @@ def build_network(cfg: Any, *, outputs: frozenset[str] | None = None) -> CMDNetw
     regions = outputs is None or bool({"region", "region_embedding"} & outputs)
     load = ({"checkpoint": init, "checkpoint_key": getattr(cfg, "init_key", "teacher"),
              "strict": not getattr(cfg, "init_partial", False)} if init else {})
-    backbone = create_backbone(cfg.arch, pretrained=False, **load, **(cfg.backbone_kwargs or {}))
+    timm_kwargs = dict(cfg.backbone_kwargs or {})
+    if getattr(cfg, "drop_path", 0):  # the student's stochastic depth (the teacher's is 0: build_teacher)
+        timm_kwargs["drop_path_rate"] = cfg.drop_path
+    backbone = create_backbone(cfg.arch, pretrained=False, **load, **timm_kwargs)
     report = backbone.load_report
     if report is not None and report.loaded == 0:
         raise ValueError(f"nothing loads into {cfg.arch}: {report.summary()}")
