@@ -21,7 +21,10 @@ The run resumes automatically from ``output_dir/checkpoint.pth``; a resumed run 
 schedule recomputed from the current options (a larger ``--epochs`` extends a finished run).
 ``log.jsonl`` (one row per completed epoch) is written only after the checkpoint that holds its
 epoch; per-step scalars go to ``steps.csv`` / TensorBoard (``--logger``); ``args.json`` lists every
-start. The bookkeeping lives in `cmd.cli.run_state`, `cmd.cli.loggers` and `cmd.cli.output_lock`.
+start. The bookkeeping lives in `cmd.cli.run_state`, `cmd.cli.loggers` and `cmd.cli.output_lock`;
+the data pipeline, network, loss, teacher, optimiser and schedules are built by `cmd.training` (a
+custom loop built from the same options trains identically). One data-loader pass spans all the
+remaining epochs, so its workers prefetch the next epoch's first batches while an epoch ends.
 """
 
 from __future__ import annotations
