@@ -68,7 +68,8 @@ SMOKE = ["--synthetic_classes", "4", "--synthetic_per_class", "8", "--synthetic_
 
 
 def _default(option: str):
-    return getattr(cmd.recipes.get("demo"), option)  # the program's defaults on the synthetic data
+    """The demo recipe's value of ``option`` (the program's default on synthetic data)."""
+    return getattr(cmd.recipes.get("demo"), option)
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:

@@ -1,512 +1,434 @@
-"""Options of the ``cmd-fgvc`` commands and the ``--config FILE`` mechanism they share.
+"""Options of the ``cmd-fgvc`` commands: one typed schema, a recipe, ``--config FILE`` and flags.
 
-Every option is range-checked when it is parsed, and a configuration file goes through the very
-same parser: its mapping is turned into command-line tokens placed *before* the real command line,
-so a file value is type-, choice- and range-checked exactly like a flag, and a flag given on the
-command line wins over the file. A file that is not a mapping, an unknown key, or ``null`` where the
-option has a default is refused with the file's name.
+The options are dataclass fields (`cmd.recipes.schema.Config` for the method, optimisation and crops,
+`PretrainOptions` / `EvaluateOptions` for the plumbing); the argparse parsers are generated from them.
+``cmd-fgvc pretrain`` resolves every option from, in increasing precedence: the schema's default
+(plumbing options only), the recipe (``--recipe NAME``, else ``demo`` for ``--dataset synthetic`` and
+``paper`` / ``paper-cars`` for a real dataset), the ``--config FILE`` mapping, the command-line flags.
+A run never mixes two recipes. Every value, wherever it comes from, goes through the same checker; an
+error is one line naming the option and, when the value came from a file, the file. A file that is
+not a mapping, an unknown key (with the closest option), or ``null`` for an option that takes no
+``null`` is refused with the file's name. ``--print_config`` prints the resolved options as YAML,
+each with its source, and exits.
 
 Example:
     >>> from cmd.cli.options import parse_pretrain_args
-    >>> parse_pretrain_args(["--epochs", "3"]).epochs
-    3
+    >>> args = parse_pretrain_args(["--epochs", "3"])
+    >>> args.recipe, args.epochs, args.lr
+    ('demo', 3, 0.004)
     >>> parse_pretrain_args(["--log_every", "0"])  # doctest: +SKIP
-    cmd-fgvc pretrain: error: argument --log_every: must be >= 1, got 0
+    cmd-fgvc pretrain: error: argument --log_every: must be >= 1, got 0 (see cmd-fgvc pretrain --help)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
-import math
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cmd import recipes
 from cmd.cli.loggers import parse_logger_names
+from cmd.recipes.schema import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    Config,
+    OptionError,
+    boolean,
+    device_name,
+    float_range,
+    int_range,
+    json_object,
+    option,
+    option_specs,
+    optional,
+    path,
+    switch,
+    text,
+    values,
+)
 
 __all__ = [
     "CommandParser",
+    "EvaluateOptions",
+    "PretrainOptions",
     "build_evaluate_parser",
     "build_pretrain_parser",
-    "config_tokens",
     "parse_evaluate_args",
     "parse_pretrain_args",
 ]
 
-DATASETS = ["synthetic", "cub", "cars", "aircraft", "imagefolder"]
-SYNTHETIC_DIFFICULTIES = ["hard", "easy", "demo"]  # cmd.data.synthetic.DIFFICULTIES (not imported: --help stays torch-free)
-# timm kwargs of the small backbones at crops <= 96 px (the CPU demo); --backbone_kwargs overrides them
-SMALL_CROP_BACKBONE_KWARGS: dict[str, dict] = {
-    "vit_tiny": {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3},
-    "resnet18": {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8},
-}
+DATASETS = ("synthetic", "cub", "cars", "aircraft", "imagefolder")
+SYNTHETIC_DIFFICULTIES = ("hard", "easy", "demo")  # cmd.data.synthetic.DIFFICULTIES (--help stays torch-free)
+OPT_PATH, OPT_INT, OPT_JSON = optional(path), optional(POSITIVE), optional(json_object)
 
 
-# ----------------------------------------------------------------------------------- value types
-
-
-def int_range(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an integer in ``[low, high]`` (None: unbounded)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
-
-
-def float_range(
-    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
-) -> Callable[[str], float]:
-    """An argparse type: a finite float in the interval ``low .. high`` (open ends on request)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        if low is not None and (value < low or (low_open and value == low)):
-            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low:g}, got {value:g}")
-        if high is not None and (value > high or (high_open and value == high)):
-            raise argparse.ArgumentTypeError(f"must be {'<' if high_open else '<='} {high:g}, got {value:g}")
-        return value
-
-    parse.__name__ = "number"
-    return parse
-
-
-def boolean(text: str) -> bool:
-    """An argparse type: true/false, yes/no, on/off, 1/0."""
-    lowered = str(text).lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def json_object(text: str) -> dict:
-    """An argparse type: a JSON object, e.g. ``'{"depth": 4}'``."""
+def logger_list(value: Any) -> str:
+    """``--logger``: a comma-separated list of `cmd.cli.loggers.LOGGER_CHOICES` (kept as given)."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err.msg} at column {err.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 4}}', got {text!r}")
+        parse_logger_names(text(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 
-def device_name(text: str) -> str:
-    """An argparse type: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
-    return text
+def _data_options(default_difficulty: str) -> dict[str, Any]:
+    """The dataset options both commands share (fields of the two schemas)."""
+    return dict(
+        dataset=option("data", "synthetic fine-grained data (no files needed), a named benchmark, or an "
+                       "ImageFolder tree DATA/train/<class>/<image> and DATA/test/<class>/<image>", text,
+                       default="synthetic", choices=DATASETS),
+        data_path=option("data", "dataset root (required for every --dataset but synthetic)", OPT_PATH,
+                         default=None, metavar="DIR"),
+        synthetic_classes=option("data", "classes of the synthetic data", int_range(2), default=10),
+        synthetic_per_class=option("data", "synthetic images per class and split", POSITIVE, default=100),
+        synthetic_image_size=option("data", "side of the synthetic images", int_range(16), default=32),
+        synthetic_difficulty=option(
+            "data", "preset of the synthetic data (cmd.SyntheticFineGrained): hard = a 4 x 4-cell part on 20 % of "
+            "the side (the method benchmark); easy = a 3 x 3-cell part on 40 % of the side; demo = easy without "
+            "clutter, on a calm background (what self-supervision learns visibly on a CPU)", text,
+            default=default_difficulty, choices=SYNTHETIC_DIFFICULTIES),
+        synthetic_class_hue=option("data", "0..1: how strongly the object's hue follows the class (a global cue); "
+                                   "null: the preset's", optional(float_range(0.0, 1.0)), default=None),
+        synthetic_clutter=option("data", "0..1: clutter shapes and background colour spread (class-independent "
+                                 "nuisance); null: the preset's", optional(float_range(0.0, 1.0)), default=None),
+    )
 
 
-POSITIVE = int_range(1)
-NON_NEGATIVE = int_range(0)
-POSITIVE_FLOAT = float_range(0.0, low_open=True)
-NON_NEGATIVE_FLOAT = float_range(0.0)
-FRACTION = float_range(0.0, 1.0)  # momenta
-CROP_SCALE = float_range(0.0, 1.0, low_open=True)
+def _schema(name: str, base: type | None, fields: dict[str, Any], doc: str) -> type:
+    """A frozen, keyword-only dataclass of ``fields`` (name -> `option` field), extending ``base``."""
+    annotations = [(k, Any, v) for k, v in fields.items()]
+    namespace: dict[str, Any] = {"__doc__": doc, "__module__": __name__}
+    if base is None:  # every field checked as Config's are, no checks across options
+        namespace.update(__post_init__=Config.__post_init__, check=lambda self: None)
+    return dataclasses.make_dataclass(name, annotations, bases=(base,) if base else (), frozen=True, kw_only=True,
+                                      namespace=namespace)
 
 
-def logger_list(text: str) -> str:
-    """``--logger``: a comma-separated list of `cmd.cli.loggers.LOGGER_CHOICES` (kept as given)."""
-    try:
-        parse_logger_names(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+PretrainOptions = _schema("PretrainOptions", Config, {
+    "init": option("model", "DINO / EsViT / CMD / timm checkpoint to start from; null: random weights", OPT_PATH,
+                   default=None, metavar="FILE"),
+    "init_key": option("model", "key of the backbone weights in --init", text, default="teacher"),
+    "init_partial": option("model", "start from the part of --init that fits the backbone (default: it must "
+                           "fit exactly)", switch, default=False),
+    **_data_options("demo"),
+    "eval_size": option("data", "k-NN evaluation image size; null: --global_size", OPT_INT, default=None),
+    "num_workers": option("data", "data-loading processes (each augments with one thread; 0 augments in the "
+                          "main process)", NON_NEGATIVE, default=2),
+    "output_dir": option("run", "checkpoint.pth, log.jsonl, args.json and pictures go here; a run resumes "
+                         "from it; null: outputs/pretrain_RECIPE", OPT_PATH, default=None, metavar="DIR"),
+    "seed": option("run", "seed of weights, data order and augmentations", NON_NEGATIVE, default=0),
+    "device": option("run", "cuda | cuda:N | cpu | mps; null: cuda when available, else cpu",
+                     optional(device_name), default=None),
+    "knn_every": option("run", "k-NN of the teacher every N epochs; 0: before and after training only",
+                        NON_NEGATIVE, default=0),
+    "knn_k": option("run", "k of the k-NN monitor", POSITIVE, default=20),
+    "no_knn": option("run", "skip the k-NN monitor (needed when the dataset has no test split)", switch,
+                     default=False),
+    "supervised_reference": option(
+        "run", "after training, train the same backbone from the same initial weights with labels for as many "
+        "steps (one global crop per image, the same lr schedule), and print its k-NN beside the teacher's: what "
+        "labels reach in this budget (one process only; needs the k-NN monitor)", switch, default=False),
+    "log_every": option("run", "read the loss on the host every N steps", POSITIVE, default=10),
+    "stop_on_collapse": option("run", "when the teacher collapses (uniform or one-hot, checked every --log_every "
+                               "steps), save the checkpoint and stop with exit status 3 instead of only warning",
+                               boolean, default=False, metavar="BOOL"),
+    "max_steps": option("run", "stop this run after N steps (saving a checkpoint), as an interruption would; "
+                        "0: off", NON_NEGATIVE, default=0),
+    "compile": option("run", "torch.compile the backbones and heads", switch, default=False),
+    "fused_region_chunk": option("run", "fuse the region prototype layer with the loss in chunks of N "
+                                 "crops-of-images (never materialises [tokens, K] student logits; saves memory); "
+                                 "0: off", NON_NEGATIVE, default=0),
+    "viz": option("run", "at the end, save training curves, region-weight overlays across classes and an "
+                  "embedding plot of the teacher's features", switch, default=False),
+    "no_progress": option("run", "no progress bars (one summary line per epoch)", switch, default=False),
+    "logger": option("run", "per-step scalars (loss terms, schedules, teacher entropies, throughput) at the "
+                     "--log_every cadence: comma-separated csv (output_dir/steps.csv), tensorboard "
+                     "(output_dir/tensorboard; pip install 'cmd-fgvc[tracking]'), none", logger_list,
+                     default="csv"),
+}, "The options of ``cmd-fgvc pretrain``: a recipe's `Config` and the run's plumbing (with defaults).")
+
+EvaluateOptions = _schema("EvaluateOptions", None, {
+    "pretrained_weights": option("weights", "checkpoint (cmd-fgvc, DINO, EsViT or timm); null: a randomly "
+                                 "initialised backbone (a baseline)", OPT_PATH, default=None, metavar="FILE"),
+    "checkpoint_key": option("weights", "network of a training checkpoint to take", text, default="teacher"),
+    "trust_pickle": option("weights", "allow old pickled checkpoints (runs code from the file: only for files "
+                           "you trust)", switch, default=False),
+    "arch": option("weights", "backbone (timm name or alias: swin_tiny, vit_small, ...); null: the --arch the "
+                   "checkpoint was trained with, else vit_tiny", optional(text), default=None),
+    "backbone_kwargs": option("weights", 'JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; '
+                              "null: the checkpoint's training --backbone_kwargs, else {}", OPT_JSON, default=None,
+                              metavar="JSON"),
+    **_data_options("demo"),
+    "image_size": option("data", "evaluation image size; null: the checkpoint's k-NN size (--eval_size, else "
+                         "--global_size), else --synthetic_image_size for synthetic data and 224 for real data",
+                         OPT_INT, default=None),
+    "batch_size_per_gpu": option("data", "images per process and step", POSITIVE, default=64),
+    "num_workers": option("data", "data-loading processes", NON_NEGATIVE, default=0),
+    "seed": option("run", "seed (synthetic data, label subsets, linear probe)", NON_NEGATIVE, default=0),
+    "device": option("run", "cuda | cuda:N | cpu | mps; null: cuda when available, else cpu",
+                     optional(device_name), default=None),
+    "output_dir": option("run", "results.json (and the linear probe) go here", path, default="outputs/evaluate",
+                         metavar="DIR"),
+    "dump_features": option("run", "save the extracted features to this folder", OPT_PATH, default=None,
+                            metavar="DIR"),
+    "load_features": option("run", "reuse features saved by --dump_features (no backbone is run)", OPT_PATH,
+                            default=None, metavar="DIR"),
+    "no_progress": option("run", "no progress bars", switch, default=False),
+    "nb_knn": option("k-NN", "values of k (k=20 is the paper's headline)", values(POSITIVE), default=(10, 20, 100, 200),
+                     nargs="+", metavar="K"),
+    "temperature": option("k-NN", "temperature of the k-NN vote weights", POSITIVE_FLOAT, default=0.07),
+    "label_fraction": option("k-NN", "keep a class-balanced fraction (0, 1] of the train labels; null: all",
+                             optional(float_range(0.0, 1.0, low_open=True)), default=None),
+    "n_last_blocks": option("linear probe", "concatenate the class tokens of the last N blocks", POSITIVE,
+                            default=4),
+    "avgpool_patchtokens": option("linear probe", "also concatenate the mean patch token", switch, default=False),
+    "epochs": option("linear probe", "training epochs of the probe", POSITIVE, default=100),
+    "lr": option("linear probe", "learning rate; null: 1e-3 * total batch / 256", optional(POSITIVE_FLOAT),
+                 default=None),
+    "lrs": option("linear probe", "train one head per learning rate, report the best; null: only --lr",
+                  optional(values(POSITIVE_FLOAT)), default=None, nargs="+", metavar="LR"),
+    "num_labels": option("linear probe", "number of classes; null: from the data", optional(int_range(2)),
+                         default=None),
+    "cache_features": option("linear probe", "extract once without augmentation, train on it", switch,
+                             default=False),
+    "every": option("retrieval", "queries: the test images whose index is a multiple of N; gallery: train + the "
+                    "rest", int_range(2), default=9),
+    "map_at": option("retrieval", "mAP@R cut-off", POSITIVE, default=100),
+}, "The options of ``cmd-fgvc evaluate`` (all with defaults; no recipe).")
+
+# options of the command line only: never in a --config file
+_COMMAND_LINE_ONLY = {"config", "print_config", "protocol"}
 
 
 # ---------------------------------------------------------------------------------------- parser
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends ``(default: X)`` once, unless the help already speaks of the default or there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if (
-            not action.option_strings
-            or "default" in text
-            or default is None
-            or default is argparse.SUPPRESS
-            or isinstance(action, argparse._StoreTrueAction | argparse._HelpAction)
-        ):
-            return text
-        if isinstance(default, list | tuple):
-            shown = " ".join(str(v) for v in default)
-        elif isinstance(default, dict):
-            shown = json.dumps(default)
-        else:
-            shown = str(default)
-        return f"{text} (default: {shown.replace('%', '%%')})"
-
-
 class CommandParser(argparse.ArgumentParser):
-    """An `argparse.ArgumentParser` whose errors say when a bad value came from ``--config FILE``."""
+    """An `argparse.ArgumentParser` whose errors are one line (the options are listed by ``--help``)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", HelpFormatter)
+    def __init__(self, *args: Any, resolve: Any = None, **kwargs: Any) -> None:
+        self.resolve = resolve  # the command's parse function: parse_args(args) resolves every option
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("argument_default", argparse.SUPPRESS)  # only what is given: the layers merge
         super().__init__(*args, **kwargs)
-        self.config_origin: dict[str, str] = {}  # option string -> config file that set it
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        match = re.match(r"argument (--\w+)", message)
-        if match and match.group(1) in self.config_origin:
-            message += f" (set in {self.config_origin[match.group(1)]})"
-        # one line, not the whole usage: the options are listed by --help
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:
+        """The command's full resolution (`parse_pretrain_args` / `parse_evaluate_args`) of ``args``."""
+        return self.resolve(args)
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", type=str, default=None, metavar="FILE",
-        help="YAML or JSON mapping of option names to values (e.g. 'epochs: 100'); "
-        "options given on the command line override it",
-    )
-
-
-def _add_data(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--dataset", default="synthetic", choices=DATASETS,
-                   help="synthetic fine-grained data (no files needed), a named benchmark, or an ImageFolder "
-                        "tree DATA/train/<class>/<image> and DATA/test/<class>/<image>")
-    g.add_argument("--data_path", type=str, default=None, metavar="DIR",
-                   help="dataset root (required for every --dataset but synthetic)")
-    g.add_argument("--synthetic_classes", type=int_range(2), default=10, help="classes of the synthetic data")
-    g.add_argument("--synthetic_per_class", type=POSITIVE, default=100,
-                   help="synthetic images per class and split")
-    g.add_argument("--synthetic_image_size", type=int_range(16), default=32, help="side of the synthetic images")
-    g.add_argument("--synthetic_difficulty", default="demo", choices=SYNTHETIC_DIFFICULTIES,
-                   help="preset of the synthetic data (cmd.SyntheticFineGrained): hard = a 4 x 4-cell part on 20 %% "
-                        "of the side (the method benchmark); easy = a 3 x 3-cell part on 40 %% of the side; demo = easy "
-                        "without clutter, on a calm background (what self-supervision learns visibly on a CPU)")
-    g.add_argument("--synthetic_class_hue", type=float_range(0.0, 1.0), default=None,
-                   help="0..1: how strongly the object's hue follows the class (a global cue); default: the preset's")
-    g.add_argument("--synthetic_clutter", type=float_range(0.0, 1.0), default=None,
-                   help="0..1: clutter shapes and background colour spread (class-independent nuisance); "
-                        "default: the preset's")
+    def given(self, args: Sequence[str]) -> dict[str, Any]:
+        """Only the options given in ``args`` (the command-line layer of the resolution)."""
+        return vars(super().parse_args(args))
 
 
-def _add_weights_source(g: argparse._ArgumentGroup, *, evaluate: bool) -> None:
-    if evaluate:
-        g.add_argument("--arch", default=None,
-                       help="backbone (timm name or alias: swin_tiny, vit_small, ...); default: the --arch the "
-                            "checkpoint was trained with, else vit_tiny")
-        g.add_argument("--backbone_kwargs", type=json_object, default=None, metavar="JSON",
-                       help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; default: the '
-                            "checkpoint's training --backbone_kwargs, else {}")
-    else:
-        g.add_argument("--arch", default="resnet18", help="backbone (timm name or alias: swin_tiny, vit_small, ...)")
-        g.add_argument("--backbone_kwargs", type=json_object, default=None, metavar="JSON",
-                       help='JSON dict of timm kwargs, e.g. \'{"depth": 4, "patch_size": 8}\'; default at '
-                            "global crops <= 96 px: SMALL_CROP_BACKBONE_KWARGS (vit_tiny: depth 4, width 96, patch 8; "
-                            "resnet18: channels 16-32-64-128, stem 16, output stride 8), else {}")
-
-
-def build_pretrain_parser() -> CommandParser:
-    """The parser of ``cmd-fgvc pretrain`` (every option documented and range-checked)."""
-    p = CommandParser(
-        prog="cmd-fgvc pretrain",
-        description="CMD self-supervised pretraining (defaults: a CPU demo on synthetic data, a few minutes).",
-    )
-    _add_config(p)
-    g = p.add_argument_group("model")
-    _add_weights_source(g, evaluate=False)
-    g.add_argument("--init", type=str, default=None, metavar="FILE",
-                   help="DINO / EsViT / CMD / timm checkpoint to start from (default: random weights)")
-    g.add_argument("--init_key", type=str, default="teacher", help="key of the backbone weights in --init")
-    g.add_argument("--init_partial", action="store_true",
-                   help="start from the part of --init that fits the backbone (default: it must fit exactly)")
-    g.add_argument("--out_dim", type=POSITIVE, default=128, help="K, prototypes of the heads (paper: 65536)")
-    g.add_argument("--head_hidden_dim", type=POSITIVE, default=256, help="hidden width of the heads' MLP (paper: 2048)")
-    g.add_argument("--head_bottleneck_dim", type=POSITIVE, default=64, help="bottleneck of the heads (paper: 256)")
-    g.add_argument("--norm_last_layer", type=boolean, default=True, metavar="BOOL",
-                   help="weight-normalise the prototype layer with a fixed norm (DINO's choice for stability)")
-    g.add_argument("--mil_pooling", default="gated_attention",
-                   choices=["mean", "sum", "max", "attention", "gated_attention"],
-                   help="multi-instance pooling of the region tokens into a bag embedding")
-    g.add_argument("--image_input", default="pooled", choices=["pooled", "mil"],
-                   help="input of the image head: the backbone's pooled feature or the MIL bag embedding")
-    g.add_argument("--head_bn", type=boolean, default=True, metavar="BOOL",
-                   help="BatchNorm after the hidden layers of the heads' MLP (DINO's use_bn; SyncBatchNorm under "
-                        "torch.distributed on GPUs, per-process statistics on the CPU); steadies the teacher against "
-                        "collapse in short runs")
-    g.add_argument("--share_prototypes", type=boolean, default=False, metavar="BOOL",
-                   help="one prototype layer for the image and region heads")
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss", default="cmd", choices=["dino", "esvit", "cmd"],
-                   help="preset of loss terms: dino (image), esvit (image + region), cmd (all four)")
-    for term, what in (("image", "image-level"), ("region", "region-level"), ("inter", "inter-level (MIL bag)"),
-                       ("cross", "cross-level")):
-        g.add_argument(f"--{term}_weight", type=NON_NEGATIVE_FLOAT, default=None,
-                       help=f"weight of the {what} term (default: the --loss preset's)")
-    g.add_argument("--teacher_temp", type=POSITIVE_FLOAT, default=0.03, help="teacher temperature after warm-up")
-    g.add_argument("--warmup_teacher_temp", type=POSITIVE_FLOAT, default=0.03,
-                   help="teacher temperature at the start of the warm-up")
-    g.add_argument("--warmup_teacher_temp_epochs", type=NON_NEGATIVE, default=0,
-                   help="epochs of linear teacher-temperature warm-up")
-    g.add_argument("--student_temp", type=POSITIVE_FLOAT, default=0.1, help="student temperature")
-    g.add_argument("--center_momentum", type=FRACTION, default=0.9, help="EMA momentum of the teacher centers, in [0, 1]")
-    g.add_argument("--centering", default="center", choices=["center", "sinkhorn"],
-                   help="teacher normalisation: DINO's centering, or DINOv2's Sinkhorn-Knopp over the batch "
-                        "(ignores --center_momentum)")
-    g.add_argument("--koleo_weight", type=NON_NEGATIVE_FLOAT, default=0.0,
-                   help="weight of DINOv2's KoLeo term on the student's pooled global-crop vectors; 0 = off")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=POSITIVE, default=10, help="training epochs")
-    g.add_argument("--batch_size_per_gpu", type=POSITIVE, default=32, help="images per process and step")
-    g.add_argument("--lr", type=POSITIVE_FLOAT, default=4e-3, help="peak lr at a total batch of 256 (scaled linearly)")
-    g.add_argument("--min_lr", type=NON_NEGATIVE_FLOAT, default=1e-6, help="lr at the end of the cosine schedule")
-    g.add_argument("--warmup_epochs", type=NON_NEGATIVE, default=1, help="epochs of linear lr warm-up")
-    g.add_argument("--weight_decay", type=NON_NEGATIVE_FLOAT, default=0.04, help="weight decay at the start")
-    g.add_argument("--weight_decay_end", type=NON_NEGATIVE_FLOAT, default=0.04,
-                   help="weight decay at the end of the cosine schedule")
-    g.add_argument("--momentum_teacher", type=FRACTION, default=0.99,
-                   help="EMA momentum of the teacher at the start (cosine to 1), in [0, 1]")
-    g.add_argument("--clip_grad", type=NON_NEGATIVE_FLOAT, default=3.0, help="per-parameter clipping norm; 0 disables")
-    g.add_argument("--freeze_last_layer", type=NON_NEGATIVE, default=0,
-                   help="epochs during which the prototype layers get no gradient")
-    g.add_argument("--amp", default="off", choices=["bf16", "fp16", "off", "auto"],
-                   help="mixed precision (auto: bf16 where supported)")
-    g = p.add_argument_group("data")
-    _add_data(g)
-    g.add_argument("--global_size", type=POSITIVE, default=32, help="global crop size (paper: 224)")
-    g.add_argument("--local_size", type=POSITIVE, default=16, help="local crop size (paper: 96)")
-    g.add_argument("--local_crops_number", type=NON_NEGATIVE, default=4, help="local crops per image (paper: 8)")
-    g.add_argument("--global_crops_scale", type=CROP_SCALE, nargs=2, default=(0.4, 1.0), metavar=("MIN", "MAX"),
-                   help="area range of the global crops, 0 < MIN <= MAX <= 1")
-    g.add_argument("--local_crops_scale", type=CROP_SCALE, nargs=2, default=(0.05, 0.4), metavar=("MIN", "MAX"),
-                   help="area range of the local crops, 0 < MIN <= MAX <= 1")
-    g.add_argument("--eval_size", type=POSITIVE, default=None,
-                   help="k-NN evaluation image size (default: --global_size)")
-    g.add_argument("--num_workers", type=NON_NEGATIVE, default=2,
-                   help="data-loading processes (each augments with one thread; 0 augments in the main process)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", type=str, default="outputs/pretrain_demo", metavar="DIR",
-                   help="checkpoint.pth, log.jsonl, args.json and pictures go here; a run resumes from it")
-    g.add_argument("--saveckp_freq", type=NON_NEGATIVE, default=0,
-                   help="also keep checkpoint{epoch:04}.pth every N epochs; 0: off")
-    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of weights, data order and augmentations")
-    g.add_argument("--device", type=device_name, default=None,
-                   help="cuda | cuda:N | cpu | mps (default: cuda when available, else cpu)")
-    g.add_argument("--knn_every", type=NON_NEGATIVE, default=0,
-                   help="k-NN of the teacher every N epochs; 0: before and after training only")
-    g.add_argument("--knn_k", type=POSITIVE, default=20, help="k of the k-NN monitor")
-    g.add_argument("--no_knn", action="store_true",
-                   help="skip the k-NN monitor (needed when the dataset has no test split)")
-    g.add_argument("--supervised_reference", action="store_true",
-                   help="after training, train the same backbone from the same initial weights with labels for "
-                        "as many steps (one global crop per image, the same lr schedule), and print its k-NN beside "
-                        "the teacher's: what labels reach in this budget (one process only; needs the k-NN monitor)")
-    g.add_argument("--log_every", type=POSITIVE, default=10, help="read the loss on the host every N steps")
-    g.add_argument("--stop_on_collapse", type=boolean, default=False, metavar="BOOL",
-                   help="when the teacher collapses (uniform or one-hot, checked every --log_every steps), save "
-                        "the checkpoint and stop with exit status 3 instead of only warning")
-    g.add_argument("--max_steps", type=NON_NEGATIVE, default=0,
-                   help="stop this run after N steps (saving a checkpoint), as an interruption would; 0: off")
-    g.add_argument("--compile", action="store_true", help="torch.compile the backbones and heads")
-    g.add_argument("--fused_region_chunk", type=NON_NEGATIVE, default=0,
-                   help="fuse the region prototype layer with the loss in chunks of N crops-of-images "
-                        "(never materialises [tokens, K] student logits; saves memory); 0: off")
-    g.add_argument("--viz", action="store_true",
-                   help="at the end, save training curves, region-weight overlays across classes and an "
-                        "embedding plot of the teacher's features")
-    g.add_argument("--no_progress", action="store_true", help="no progress bars (one summary line per epoch)")
-    g.add_argument("--logger", type=logger_list, default="csv",
-                   help="per-step scalars (loss terms, schedules, teacher entropies, throughput) at the --log_every "
-                        "cadence: comma-separated csv (output_dir/steps.csv), tensorboard (output_dir/tensorboard; "
-                        "pip install 'cmd-fgvc[tracking]'), none")
-    return p
-
-
-def build_evaluate_parser() -> CommandParser:
-    """The parser of ``cmd-fgvc evaluate`` (every option documented and range-checked)."""
-    p = CommandParser(
-        prog="cmd-fgvc evaluate",
-        description="Evaluate a frozen (teacher) backbone: k-NN, linear probe or retrieval. The architecture, "
-        "backbone settings and evaluation image size are read from a cmd-fgvc checkpoint's training "
-        "arguments when present; command-line values override them.",
-        epilog="example: cmd-fgvc evaluate knn --pretrained_weights outputs/pretrain_demo/checkpoint.pth",
-    )
-    p.add_argument("protocol", choices=["knn", "linear", "retrieval"],
-                   help="knn: weighted k-NN; linear: linear probe on frozen features; retrieval: rank-k and mAP")
-    _add_config(p)
-    g = p.add_argument_group("weights")
-    g.add_argument("--pretrained_weights", type=str, default=None, metavar="FILE",
-                   help="checkpoint (cmd-fgvc, DINO, EsViT or timm); default: a randomly initialised "
-                        "backbone (a baseline)")
-    g.add_argument("--checkpoint_key", type=str, default="teacher", help="network of a training checkpoint to take")
-    g.add_argument("--trust_pickle", action="store_true",
-                   help="allow old pickled checkpoints (runs code from the file: only for files you trust)")
-    _add_weights_source(g, evaluate=True)
-    g = p.add_argument_group("data")
-    _add_data(g)
-    g.add_argument("--image_size", type=POSITIVE, default=None,
-                   help="evaluation image size; default: the checkpoint's k-NN size (--eval_size, else "
-                        "--global_size), else --synthetic_image_size for synthetic data and 224 for real data")
-    g.add_argument("--batch_size_per_gpu", type=POSITIVE, default=64, help="images per process and step")
-    g.add_argument("--num_workers", type=NON_NEGATIVE, default=0, help="data-loading processes")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed (synthetic data, label subsets, linear probe)")
-    g.add_argument("--device", type=device_name, default=None,
-                   help="cuda | cuda:N | cpu | mps (default: cuda when available, else cpu)")
-    g.add_argument("--output_dir", type=str, default="outputs/evaluate", metavar="DIR",
-                   help="results.json (and the linear probe) go here")
-    g.add_argument("--dump_features", type=str, default=None, metavar="DIR",
-                   help="save the extracted features to this folder")
-    g.add_argument("--load_features", type=str, default=None, metavar="DIR",
-                   help="reuse features saved by --dump_features (no backbone is run)")
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
-    g = p.add_argument_group("k-NN")
-    g.add_argument("--nb_knn", type=POSITIVE, nargs="+", default=[10, 20, 100, 200], metavar="K",
-                   help="values of k (k=20 is the paper's headline)")
-    g.add_argument("--temperature", type=POSITIVE_FLOAT, default=0.07, help="temperature of the k-NN vote weights")
-    g.add_argument("--label_fraction", type=float_range(0.0, 1.0, low_open=True), default=None,
-                   help="keep a class-balanced fraction (0, 1] of the train labels (default: all)")
-    g = p.add_argument_group("linear probe")
-    g.add_argument("--n_last_blocks", type=POSITIVE, default=4, help="concatenate the class tokens of the last N blocks")
-    g.add_argument("--avgpool_patchtokens", action="store_true", help="also concatenate the mean patch token")
-    g.add_argument("--epochs", type=POSITIVE, default=100, help="training epochs of the probe")
-    g.add_argument("--lr", type=POSITIVE_FLOAT, default=None, help="learning rate (default: 1e-3 * total batch / 256)")
-    g.add_argument("--lrs", type=POSITIVE_FLOAT, nargs="+", default=None, metavar="LR",
-                   help="train one head per learning rate, report the best (default: only --lr)")
-    g.add_argument("--num_labels", type=int_range(2), default=None, help="number of classes (default: from the data)")
-    g.add_argument("--cache_features", action="store_true", help="extract once without augmentation, train on it")
-    g = p.add_argument_group("retrieval")
-    g.add_argument("--every", type=int_range(2), default=9,
-                   help="queries: the test images whose index is a multiple of N; gallery: train + the rest")
-    g.add_argument("--map_at", type=POSITIVE, default=100, help="mAP@R cut-off")
-    return p
-
-
-# ---------------------------------------------------------------------------------------- config
-
-
-def _load_mapping(parser: argparse.ArgumentParser, path: Path) -> dict:
-    if not path.is_file():
-        parser.error(f"--config {path}: no such file")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            try:
-                import yaml
-            except ImportError:  # pragma: no cover - pyyaml is a dev dependency
-                if path.suffix.lower() in (".yaml", ".yml"):
-                    parser.error(f"--config {path}: reading YAML needs pyyaml (pip install pyyaml), or use JSON")
-                values = json.loads(text)
-            else:
-                values = yaml.safe_load(text)
-    except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError (below) alike
-        parser.error(f"--config {path}: not valid JSON/YAML: {str(err).splitlines()[0]}")
-    except Exception as err:  # yaml.YAMLError
-        parser.error(f"--config {path}: not valid YAML: {' '.join(str(err).split())[:200]}")
-    if values is None:  # an empty file
-        return {}
-    if not isinstance(values, dict):
-        parser.error(f"--config {path}: expected a mapping of option names to values (e.g. 'epochs: 10'), "
-                     f"got a {type(values).__name__}")
-    return values
-
-
-def _token(value: Any) -> str:
+def _shown(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
         return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
     return str(value)
 
 
-def config_tokens(parser: CommandParser, path: str | Path) -> list[str]:
-    """The command-line tokens equivalent to a YAML/JSON config file, for `parser`.
+def _help(name: str, spec: Any, default: Any) -> str:
+    """The help text, with the default or, for a recipe option, the demo's and the paper's values."""
+    shown = spec.help
+    if spec.in_recipe:
+        demo, paper = recipes.load("demo").values[name], recipes.load("paper").values[name]
+        shown += f" (demo: {_shown(demo)}; paper: {_shown(paper)})"
+    elif default not in (None, False, dataclasses.MISSING) and "default" not in shown:
+        shown += f" (default: {_shown(default)})"
+    return shown.replace("%", "%%")
 
-    Keys are option names (``epochs`` or ``--epochs``); lists give multi-value options, ``true`` /
-    ``false`` give flags, ``null`` leaves an option whose default is none at its default. The tokens
-    end with ``--config FILE`` so that a multi-value option never swallows what follows.
 
-    Raises:
-        SystemExit: (through ``parser.error``) a missing or unreadable file, not a mapping, an unknown
-            key, a positional argument, ``null`` for an option with a default, a list for a one-value
-            option or a non-boolean for a flag; the message names the file and the key.
-    """
-    path = Path(path)
-    values = _load_mapping(parser, path)
-    options = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    positionals = {a.dest for a in parser._actions if not a.option_strings}
-    unknown = [str(k) for k in values if str(k).lstrip("-") not in options]
+def _build(schema: type, resolve: Any, prog: str, description: str, epilog: str | None = None) -> CommandParser:
+    p = CommandParser(prog=prog, description=description, epilog=epilog, resolve=resolve)
+    p.add_argument("--config", type=path, default=None, metavar="FILE",
+                   help="YAML or JSON mapping of option names to values (e.g. 'epochs: 100'); it overrides the "
+                        "recipe, and options given on the command line override it")
+    groups: dict[str, Any] = {}
+    defaults = {f.name: f.default for f in dataclasses.fields(schema)}
+    for name, spec in option_specs(schema).items():
+        group = groups.get(spec.group) or groups.setdefault(spec.group, p.add_argument_group(spec.group))
+        help_text = _help(name, spec, defaults[name])
+        if spec.switch:
+            group.add_argument(f"--{name}", action="store_true", help=help_text)
+        else:  # the text is checked by the schema (the same checker as a file's or a recipe's value)
+            group.add_argument(f"--{name}", choices=spec.choices, nargs=spec.nargs, metavar=spec.metavar,
+                               help=help_text)
+    return p
+
+
+def build_pretrain_parser() -> CommandParser:
+    """The parser of ``cmd-fgvc pretrain`` (generated from `PretrainOptions`)."""
+    p = _build(PretrainOptions, parse_pretrain_args, "cmd-fgvc pretrain",
+               "CMD self-supervised pretraining. Every method, optimisation and crop option comes from a recipe "
+               "(cmd-fgvc recipes lists them; default: demo, a CPU run of a few minutes, for --dataset synthetic, "
+               "and paper for a real dataset); --config FILE overrides the recipe, flags override both.")
+    p.add_argument("--recipe", choices=recipes.names(), metavar="NAME",
+                   help=f"training recipe: {', '.join(recipes.names())}; default: demo for --dataset synthetic, "
+                        "paper-cars for --dataset cars, paper for the other datasets")
+    p.add_argument("--print_config", action="store_true", default=False,
+                   help="print the resolved options as YAML (loadable by --config), each with its source, and exit")
+    return p
+
+
+def build_evaluate_parser() -> CommandParser:
+    """The parser of ``cmd-fgvc evaluate`` (generated from `EvaluateOptions`)."""
+    p = _build(EvaluateOptions, parse_evaluate_args, "cmd-fgvc evaluate",
+               "Evaluate a frozen (teacher) backbone: k-NN, linear probe or retrieval. The architecture, backbone "
+               "settings and evaluation image size are read from a cmd-fgvc checkpoint's training arguments when "
+               "present; command-line values override them.",
+               "example: cmd-fgvc evaluate knn --pretrained_weights outputs/pretrain_demo/checkpoint.pth")
+    p.add_argument("protocol", choices=["knn", "linear", "retrieval"], nargs="?", default=None,
+                   help="knn: weighted k-NN; linear: linear probe on frozen features; retrieval: rank-k and mAP")
+    return p
+
+
+# ------------------------------------------------------------------------------------- resolution
+
+
+def _read_config(parser: CommandParser, file: str, known: set[str]) -> dict[str, Any]:
+    """The mapping of a YAML/JSON config file; refuses (one line, naming the file) what cannot be an option."""
+    where = Path(file)
+    if not where.is_file():
+        parser.error(f"--config {file}: no such file")
+    try:
+        content = where.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        parser.error(f"--config {file}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r})")
+    except OSError as err:
+        parser.error(f"--config {file}: cannot be read ({err.strerror})")
+    try:
+        if where.suffix.lower() == ".json":
+            data = json.loads(content)
+        else:
+            import yaml
+
+            data = yaml.safe_load(content)
+    except ValueError as err:  # json.JSONDecodeError
+        parser.error(f"--config {file}: not valid JSON/YAML: {str(err).splitlines()[0]}")
+    except Exception as err:  # yaml.YAMLError
+        parser.error(f"--config {file}: not valid YAML: {' '.join(str(err).split())[:200]}")
+    if data is None:  # an empty file
+        return {}
+    if not isinstance(data, dict):
+        parser.error(f"--config {file}: expected a mapping of option names to values (e.g. 'epochs: 10'), "
+                     f"got a {type(data).__name__}")
+    data = {str(k).lstrip("-"): v for k, v in data.items()}
+    unknown = [k for k in data if k not in known]
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key.lstrip("-"), list(options), n=1)
-            if key in positionals:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            if key in _COMMAND_LINE_ONLY:
                 hints.append(f"{key} (give it on the command line)")
             else:
                 hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
-        parser.error(f"--config {path}: unknown option(s): {', '.join(hints)}")
-    tokens: list[str] = []
-    where = str(path)
-    for key, value in values.items():
-        action = options[str(key).lstrip("-")]
-        flag = action.option_strings[-1]
-        what = f"--config {path}: {action.dest}"
-        if value is None:
-            if action.default is None:
-                continue
-            parser.error(f"{what}: null is not allowed (its default is {_token(action.default)}; leave the key out)")
-        if isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                parser.error(f"{what}: expected true or false, got {value!r}")
-            if value:
-                tokens.append(flag)
-            parser.config_origin[flag] = where
-            continue
-        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-            items = list(value) if isinstance(value, list | tuple) else [value]
-            if any(isinstance(v, list | dict) for v in items):
-                parser.error(f"{what}: expected a list of plain values, got {value!r}")
-            tokens += [flag, *(_token(v) for v in items)]
-        else:
-            if isinstance(value, list | tuple):
-                parser.error(f"{what}: expected one value, got the list {value!r}")
-            if isinstance(value, dict) and action.type is not json_object:
-                parser.error(f"{what}: expected one value, got the mapping {value!r}")
-            tokens.append(f"{flag}={_token(value)}")
-        parser.config_origin[flag] = where
-    return [*tokens, "--config", str(path)] if tokens else []
+        parser.error(f"--config {file}: unknown option(s): {', '.join(hints)}")
+    return data
 
 
-def parse_with_config(parser: CommandParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv`` (default ``sys.argv[1:]``) with ``--config FILE`` values placed before it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("-h", "--help", action="store_true")
-    known, _ = pre.parse_known_args(argv)
-    tokens = config_tokens(parser, known.config) if known.config and not known.help else []
-    for flag in list(parser.config_origin):  # the command line wins: an error there is not the file's
-        if any(a == flag or a.startswith(flag + "=") for a in argv):
-            del parser.config_origin[flag]
-    return parser.parse_args([*tokens, *argv])
+def _resolve(parser: CommandParser, schema: type, argv: Sequence[str] | None, *, with_recipe: bool):
+    """(options, namespace of the command-line-only arguments, source of each option)."""
+    flags = parser.given(list(sys.argv[1:] if argv is None else argv))
+    specs = option_specs(schema)
+    defaults = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
+    cli_only = argparse.Namespace(**{k: flags.pop(k) for k in list(flags) if k not in specs})
+    file = getattr(cli_only, "config", None)
+    from_file = _read_config(parser, file, set(specs) | ({"recipe"} if with_recipe else set())) if file else {}
+    for name, value in from_file.items():  # null only where the option takes null
+        if value is None and name in specs:
+            try:
+                specs[name].check(None)
+            except (argparse.ArgumentTypeError, TypeError, ValueError, AttributeError):
+                default = f"its default is {_shown(defaults[name])}; leave the key out" if name in defaults else \
+                    "the recipe sets it; leave the key out"
+                parser.error(f"--config {file}: {name}: null is not allowed ({default})")
+    sources = {k: "default" for k in defaults}
+    merged = dict(defaults)
+    if with_recipe:
+        name, why = _recipe_name(parser, cli_only, from_file, {**merged, **from_file, **flags}, file)
+        recipe = recipes.load(name)
+        merged.update(recipe.values)
+        sources.update({k: f"recipe {name}" for k in recipe.values})
+        cli_only.recipe, cli_only.recipe_source = name, why
+    merged.update(from_file)
+    sources.update({k: f"file {file}" for k in from_file})
+    merged.update(flags)
+    sources.update({k: "flag" for k in flags})
+    given = {**from_file, **flags}
+    if with_recipe and "arch" in given and "backbone_kwargs" not in given and given["arch"] != recipe.values["arch"]:
+        # the recipe's backbone kwargs belong to its own backbone: another --arch is timm's model as it is
+        merged["backbone_kwargs"] = {}
+        sources["backbone_kwargs"] = f"default for --arch {given['arch']} (the recipe's are for {recipe.values['arch']})"
+    merged.pop("recipe", None)
+    if with_recipe and merged.get("output_dir") is None:
+        merged["output_dir"] = f"outputs/pretrain_{cli_only.recipe}"
+    try:
+        options = schema(**merged)
+    except OptionError as err:
+        _fail(parser, err.option, err.message, sources)
+    return options, cli_only, sources
+
+
+def _recipe_name(parser: CommandParser, cli_only: argparse.Namespace, from_file: dict, merged: dict,
+                 file: str | None) -> tuple[str, str]:
+    """The recipe of the run and why: the flag, the file's ``recipe:`` key, or the dataset's default."""
+    flag, in_file = getattr(cli_only, "recipe", None), from_file.get("recipe")
+    if in_file is not None and in_file not in recipes.names():
+        close = difflib.get_close_matches(str(in_file), recipes.names(), n=1)
+        parser.error(f"--config {file}: recipe: unknown recipe {in_file!r}"
+                     + (f" (did you mean {close[0]}?)" if close else f"; choose one of {', '.join(recipes.names())}"))
+    if flag and in_file and flag != in_file:  # a run never mixes two recipes
+        parser.error(f"argument --recipe: {flag} conflicts with 'recipe: {in_file}' in --config {file}; "
+                     "a run has one recipe: drop one of them")
+    if flag:
+        return flag, "--recipe"
+    if in_file:
+        return in_file, f"recipe: in {file}"
+    dataset = merged.get("dataset", "synthetic")
+    return recipes.default_for_dataset(dataset), f"default for --dataset {dataset}"
+
+
+def _fail(parser: CommandParser, name: str, message: str, sources: dict[str, str]) -> None:
+    source = sources.get(name, "flag")
+    where = ""
+    if source.startswith("file "):
+        where = f" (set in {source[5:]})"
+    elif source.startswith("recipe "):
+        where = f" (from the {source})"
+    parser.error(f"argument --{name}: {message}{where}")
+
+
+def _namespace(options: Any, cli_only: argparse.Namespace) -> argparse.Namespace:
+    values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    return argparse.Namespace(**values, **vars(cli_only))
+
+
+def print_config(args: argparse.Namespace, sources: dict[str, str], schema: type | None = None) -> str:
+    """The resolved options as YAML, one ``option: value  # source`` per line (loadable by ``--config``)."""
+    import yaml
+
+    lines = ["# cmd-fgvc pretrain, resolved options (load with --config FILE; flags override it)",
+             f"recipe: {args.recipe}  # {args.recipe_source}"]
+    for name in option_specs(schema or PretrainOptions):
+        value = getattr(args, name)
+        value = list(value) if isinstance(value, tuple) else value
+        shown = yaml.safe_dump({name: value}, default_flow_style=True, width=10**9, sort_keys=False).strip()[1:-1]
+        lines.append(f"{shown}  # {sources[name]}")
+    return "\n".join(lines) + "\n"
 
 
 def _check_device(parser: argparse.ArgumentParser, device: str | None) -> None:
@@ -534,29 +456,38 @@ def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def parse_pretrain_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``cmd-fgvc pretrain`` options (``--config FILE`` first, the command line over it).
+    """Parse ``cmd-fgvc pretrain`` options: recipe < ``--config FILE`` < flags (see the module's docstring).
 
-    Besides each option's own range, checks that crop scales are increasing, that a real dataset
-    has an existing ``--data_path`` and that a requested ``--device`` exists, and fills the demo's
-    ``--backbone_kwargs`` default.
+    Besides each option's own range and the checks across options (`cmd.recipes.Config.check`),
+    checks that a real dataset has an existing ``--data_path``, that ``--arch`` names a backbone, that
+    a recipe needing ``--init`` has it and that a requested ``--device`` exists. The namespace holds
+    every option, ``recipe`` (its name) and ``recipe_source`` (why it was chosen). ``--print_config``
+    prints the options and exits with status 0.
     """
     parser = build_pretrain_parser()
-    args = parse_with_config(parser, argv)
-    for name in ("global_crops_scale", "local_crops_scale"):
-        low, high = getattr(args, name)
-        if low > high:
-            parser.error(f"argument --{name}: must be increasing (MIN <= MAX), got {low:g} {high:g}")
-        setattr(args, name, (low, high))
+    options, cli_only, sources = _resolve(parser, PretrainOptions, argv, with_recipe=True)
+    args = _namespace(options, cli_only)
     _check_data(parser, args)
     if args.dataset == "imagefolder" and not args.no_knn and not (Path(args.data_path) / "test").is_dir():
         parser.error(f"argument --data_path: {args.data_path} has no test/ folder, which the k-NN monitor needs: "
                      "pass --no_knn, or lay out DATA/train/<class>/<image> and DATA/test/<class>/<image>")
     if args.supervised_reference and args.no_knn:
         parser.error("argument --supervised_reference: compares k-NN top-1, which --no_knn turns off")
+    requires_init = recipes.load(args.recipe).requires_init
+    if requires_init and args.init is None:
+        parser.error(f"argument --init: --recipe {args.recipe} starts from {requires_init}: pass --init FILE")
+    if args.print_config:
+        sys.stdout.write(print_config(args, sources))
+        sys.stdout.flush()
+        raise SystemExit(0)
+    del args.print_config  # (not a training argument: args.json and the checkpoint do not list it)
+    try:
+        from cmd.backbones.factory import resolve_model_name
+
+        resolve_model_name(args.arch)
+    except ValueError as err:
+        _fail(parser, "arch", str(err), sources)
     _check_device(parser, args.device)
-    if args.backbone_kwargs is None:
-        small = SMALL_CROP_BACKBONE_KWARGS.get(args.arch, {}) if args.global_size <= 96 else {}
-        args.backbone_kwargs = json.loads(json.dumps(small))  # a copy
     return args
 
 
@@ -567,7 +498,10 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> argparse.Namespace
     fills them from the checkpoint (see `cmd.cli.evaluate.apply_checkpoint_args`).
     """
     parser = build_evaluate_parser()
-    args = parse_with_config(parser, argv)
+    options, cli_only, _ = _resolve(parser, EvaluateOptions, argv, with_recipe=False)
+    args = _namespace(options, cli_only)
+    if getattr(args, "protocol", None) is None:
+        parser.error("the following arguments are required: protocol (knn, linear or retrieval)")
     if args.load_features is None:
         _check_data(parser, args)
     elif not Path(args.load_features).is_dir():

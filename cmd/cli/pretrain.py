@@ -1,14 +1,16 @@
 """Self-supervised CMD pretraining, built only from the public blocks of `cmd`.
 
-Run with no arguments for a CPU demonstration (synthetic fine-grained data, a tiny ViT, a few
-minutes on 2 cores); it prints the teacher's k-NN top-1 before and after training. The paper's
-setting (Swin-T, 2 x 224 + 8 x 96 crops, K = 65536, from EsViT's ImageNet checkpoint) is::
+Every method, optimisation and crop option comes from a recipe (`cmd.recipes`; ``cmd-fgvc recipes``
+lists them): run with no arguments for the ``demo`` recipe, a CPU demonstration (synthetic
+fine-grained data, a narrow ResNet-18 on 32 px crops, a few minutes on 2 cores) that prints the
+teacher's k-NN top-1 before and after training. On a real dataset the default is the ``paper``
+recipe (the official fine-grained runs' settings: Swin-T W14, 2 x 224 + 8 x 96 crops, K = 65536)::
 
-    torchrun --nproc_per_node 8 -m cmd pretrain --arch swin_tiny --dataset cub \\
-        --data_path /data/CUB_200_2011 --output_dir out/cub_cmd --init esvit_swin_tiny.pth \\
-        --global_size 224 --local_size 96 --local_crops_number 8 --out_dim 65536 \\
-        --head_hidden_dim 2048 --head_bottleneck_dim 256 --warmup_epochs 10 \\
-        --batch_size_per_gpu 32 --epochs 100 --amp bf16 --loss cmd --mil_pooling gated_attention
+    torchrun --nproc_per_node 8 -m cmd pretrain --recipe paper --dataset cub \\
+        --data_path /data/CUB_200_2011 --output_dir out/cub_cmd --init esvit_swin_tiny_w14.pth
+
+``--config FILE`` overrides the recipe and flags override both; ``--print_config`` shows the
+resolved options with their sources. The first line of the output names the recipe.
 
 What one step does (the data flow of the library)::
 
@@ -156,6 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.supervised_reference and dist.is_dist():
         raise SystemExit("error: --supervised_reference runs in one process; run it without torchrun")
     rank, world = dist.rank(), dist.world_size()
+    if rank == 0:
+        print(f"recipe: {args.recipe} ({args.recipe_source})")
+        if args.recipe.startswith("released") and world != 2:
+            print(f"note: the released recipe is the official 2 processes x {args.batch_size_per_gpu} images; this run "
+                  f"has {world} process(es) (the lr scales with the total batch): torchrun --nproc_per_node 2")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and dist.is_dist():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -147,6 +147,8 @@ def one_of(*choices: str) -> Check:
     """One of ``choices`` (argparse also lists them in ``--help``)."""
 
     def check(value: Any) -> str:
+        if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
         if value not in choices:
             _fail(f"invalid choice: {value!r} (choose from {', '.join(repr(c) for c in choices)})")
         return value

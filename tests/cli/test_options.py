@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -10,14 +11,17 @@ import torch
 
 from cmd.cli import main as cli_main
 from cmd.cli.options import (
-    HelpFormatter,
+    EvaluateOptions,
+    PretrainOptions,
     build_evaluate_parser,
     build_pretrain_parser,
     parse_evaluate_args,
     parse_pretrain_args,
 )
+from cmd.recipes.schema import option_specs
 
 PARSERS = {"pretrain": build_pretrain_parser, "evaluate": build_evaluate_parser}
+SCHEMAS = {"pretrain": PretrainOptions, "evaluate": EvaluateOptions}
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["evaluate", "--help"]])
@@ -36,15 +40,19 @@ def test_help_documents_every_option_once(command, capsys):
     parser = PARSERS[command]()
     assert cli_main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    formatter = HelpFormatter(parser.prog)
+    formatter = argparse.RawDescriptionHelpFormatter(parser.prog)
+    specs = option_specs(SCHEMAS[command])
+    defaults = {f.name: f.default for f in dataclasses.fields(SCHEMAS[command])}
     for action in parser._actions:
         assert action.help and action.help.strip(), f"{action.dest} has no help"
         shown = formatter._expand_help(action)  # raises for a stray % (the --every crash)
-        assert shown.count("default") <= 1, f"{action.dest}: {shown}"
+        assert shown.count("(default") <= 1, f"{action.dest}: {shown}"
         for flag in action.option_strings:
             assert flag in text, flag
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
-            assert "default" in shown, f"{action.dest} does not show its default: {shown}"
+        if action.dest in specs and specs[action.dest].in_recipe:  # the recipes' values, not a default
+            assert "(demo: " in shown and "; paper: " in shown, f"{action.dest}: {shown}"
+        elif action.dest in specs and defaults[action.dest] not in (None, False):
+            assert "(default: " in shown, f"{action.dest} does not show its default: {shown}"
 
 
 def _error(capsys, parse, argv) -> str:
@@ -75,7 +83,8 @@ PRETRAIN_BAD = [
     (["--lr", "0"], "--lr", "> 0"),
     (["--weight_decay", "-1"], "--weight_decay", ">= 0"),
     (["--image_weight", "-1"], "--image_weight", ">= 0"),
-    (["--out_dim", "0"], "--out_dim", ">= 1"),
+    (["--out_dim", "1"], "--out_dim", ">= 2"),
+    (["--koleo_weight", "0.1", "--batch_size_per_gpu", "1"], "--koleo_weight", "at least 2 images per process"),
     (["--knn_k", "0"], "--knn_k", ">= 1"),
     (["--synthetic_image_size", "8"], "--synthetic_image_size", ">= 16"),
     (["--global_crops_scale", "0.5", "0.4"], "--global_crops_scale", "increasing"),
@@ -131,6 +140,7 @@ def test_device_cuda_without_gpu_says_so(capsys, parse):
 def test_defaults_parse():
     args = parse_pretrain_args([])
     assert args.global_crops_scale == (0.4, 1.0) and args.backbone_kwargs["output_stride"] == 8
+    assert (args.recipe, args.recipe_source) == ("demo", "default for --dataset synthetic")
     ev = parse_evaluate_args(["knn"])
     assert ev.arch is None and ev.backbone_kwargs is None and ev.image_size is None  # filled from a checkpoint
 
@@ -164,12 +174,14 @@ BAD_CONFIGS = [
     ("unknown.json", json.dumps({"epochz": 3}), "unknown option(s): epochz (did you mean epochs?)"),
     ("null.yaml", "seed: null\n", "seed: null is not allowed"),
     ("flag.yaml", 'no_knn: "false"\n', "no_knn: expected true or false"),
-    ("scale.yaml", "global_crops_scale: 0.5\n", "argument --global_crops_scale: expected 2 arguments"),
+    ("scale.yaml", "global_crops_scale: 0.5\n", "argument --global_crops_scale: expected 2 values"),
     ("float.yaml", "epochs: 1.5\n", "argument --epochs: expected an integer"),
     ("zero.yaml", "epochs: 0\n", "argument --epochs: must be >= 1"),
     ("choice.yaml", "dataset: bogus\n", "argument --dataset: invalid choice"),
     ("temp.yaml", "teacher_temp: -1\n", "argument --teacher_temp: must be > 0"),
-    ("listvalue.yaml", "epochs: [1, 2]\n", "epochs: expected one value"),
+    ("listvalue.yaml", "epochs: [1, 2]\n", "argument --epochs: expected an integer, got [1, 2]"),
+    ("badrecipe.yaml", "recipe: papr\n", "recipe: unknown recipe 'papr' (did you mean paper?)"),
+    ("drop.yaml", "backbone_kwargs: {drop_path_rate: 0.1}\n", "argument --backbone_kwargs: holds drop_path_rate"),
     ("broken.json", "{epochs: 3", "not valid JSON/YAML"),
     ("broken.yaml", "epochs: [3\n", "not valid YAML"),
 ]
@@ -201,3 +213,60 @@ def test_example_wrappers_help(script):
     proc = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--config" in proc.stdout and "--seed" in proc.stdout
+
+
+# ------------------------------------------------------------------- issue 24: items 5, 12, 13, 18
+
+
+def test_tilde_in_a_config_or_a_flag_is_expanded(tmp_path, monkeypatch):
+    """``output_dir: ~/x`` made a literal ./~/x folder (issue 24, item 5)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data" / "test").mkdir(parents=True)
+    cfg = _write(tmp_path, "run.yaml", "output_dir: ~/x\ndata_path: ~/data\ndataset: imagefolder\n")
+    args = parse_pretrain_args(["--config", cfg, "--init=~/w.pth"])
+    assert args.output_dir == str(tmp_path / "x") and args.data_path == str(tmp_path / "data")
+    assert args.init == str(tmp_path / "w.pth")
+    ev = parse_evaluate_args(["knn", "--output_dir=~/e", "--dump_features", "~/f"])
+    assert (ev.output_dir, ev.dump_features) == (str(tmp_path / "e"), str(tmp_path / "f"))
+
+
+def test_non_utf8_config_names_the_file(tmp_path, capsys):
+    """A non-UTF-8 file gave a UnicodeDecodeError traceback without the file's name (issue 24, item 12)."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("epochs: 3  # caf\xe9\n".encode("latin-1"))
+    for parse in (parse_pretrain_args, lambda a: parse_evaluate_args(["knn", *a])):
+        err = _error(capsys, parse, ["--config", str(path)])
+        assert str(path) in err and "not UTF-8" in err, err
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_koleo_with_one_image_per_process_is_refused_at_parse_time(tmp_path, capsys, where):
+    """It failed at step 1, after args.json was written, without naming the option (issue 24, item 13)."""
+    argv = ["--koleo_weight", "0.1", "--batch_size_per_gpu", "1"]
+    if where == "file":
+        argv = ["--config", _write(tmp_path, "k.yaml", "koleo_weight: 0.1\nbatch_size_per_gpu: 1\n")]
+    err = _error(capsys, parse_pretrain_args, argv)
+    assert "argument --koleo_weight" in err and "--batch_size_per_gpu 1" in err, err
+    assert parse_pretrain_args(["--koleo_weight", "0.1", "--batch_size_per_gpu", "2"]).koleo_weight == 0.1
+
+
+def test_unknown_arch_is_one_line(capsys):
+    """``pretrain --arch bogus`` printed a 24-line traceback (issue 24, item 18)."""
+    err = _error(capsys, parse_pretrain_args, ["--arch", "bogus"])
+    assert "argument --arch" in err and "unknown backbone 'bogus'" in err, err
+
+
+def test_unknown_arch_through_the_command_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["pretrain", "--arch", "bogus", "--output_dir", "/nonexistent/never-written"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unknown backbone 'bogus'" in err, err
+
+
+def test_null_only_where_the_option_takes_null(tmp_path, capsys):
+    cfg = _write(tmp_path, "n.yaml", "device: null\nimage_weight: null\namp: off\n")
+    args = parse_pretrain_args(["--config", cfg])
+    assert args.device is None and args.image_weight is None and args.amp == "off"
+    err = _error(capsys, parse_pretrain_args, ["--config", _write(tmp_path, "lr.yaml", "lr: null\n")])
+    assert "lr: null is not allowed (the recipe sets it" in err, err

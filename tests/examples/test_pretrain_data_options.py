@@ -1,4 +1,4 @@
-"""examples/pretrain.py: the synthetic difficulty options and the small-crop backbone defaults."""
+"""examples/pretrain.py: the synthetic difficulty options and the backbone kwargs (from the recipe only)."""
 
 from __future__ import annotations
 
@@ -30,18 +30,22 @@ def test_synthetic_difficulty_reaches_the_dataset(pretrain):
     assert (hard.difficulty, hard.part_size, hard.class_hue) == ("hard", 12, 0.0)
 
 
+DEMO_RESNET = {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8}
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8}),
-        (["--arch", "vit_tiny"], {"depth": 4, "patch_size": 8, "embed_dim": 96, "num_heads": 3}),
-        (["--arch", "resnet18"], {"channels": [16, 32, 64, 128], "stem_width": 16, "output_stride": 8}),
-        (["--arch", "resnet18", "--global_size", "224"], {}),
+        ([], DEMO_RESNET),  # the demo recipe states its narrow ResNet-18
+        (["--arch", "resnet18"], DEMO_RESNET),
+        (["--arch", "resnet18", "--global_size", "224"], DEMO_RESNET),  # widths never change with the crop size
+        (["--arch", "vit_tiny"], {}),  # another backbone: timm's model as it is, not the recipe's kwargs
+        (["--arch", "vit_tiny", "--global_size", "32"], {}),
         (["--arch", "swin_tiny"], {}),
         (["--arch", "resnet18", "--backbone_kwargs", '{"output_stride": 32}'], {"output_stride": 32}),
     ],
 )
-def test_small_crop_backbone_kwargs(pretrain, argv, expected):
+def test_backbone_kwargs_come_from_the_recipe_only(pretrain, argv, expected):
     assert pretrain.parse_args(argv).backbone_kwargs == expected
 
 
