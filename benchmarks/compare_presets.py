@@ -1,7 +1,7 @@
 """CMD against the DINO and EsViT presets (and CMD's mean against gated-attention pooling), at equal budget.
 
-Every contender is trained by the pretraining program (`cmd.cli.pretrain`, the same code as
-``cmd-fgvc pretrain``) from the same seeds, with the same data, crops, backbone, heads and schedule;
+Every contender is trained by the pretraining program (``python -m cmd pretrain``, a subprocess
+per run) from the same seeds, with the same data, crops, backbone, heads and schedule;
 only ``--loss`` (and, for ``cmd-mean``, ``--mil_pooling mean``) differ. ``cmd-sinkhorn`` (DINOv2's
 Sinkhorn-Knopp normalisation of the teacher instead of centering) and ``cmd-koleo`` (the KoLeo term,
 weight 0.1) measure the anti-collapse alternatives on the cmd preset. Each (contender, seed) run
@@ -32,17 +32,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader
 
 import cmd
-from cmd.cli import pretrain
-from cmd.cli.run_state import write_json_atomic
+from cmd import training
+from cmd.checkpoint import read_checkpoint
 
 CONTENDERS: dict[str, list[str]] = {
     "dino": ["--loss", "dino"],
@@ -68,14 +72,29 @@ def _default(option: str):
     return getattr(cmd.recipes.get("demo"), option)
 
 
-def _eval_data(args: argparse.Namespace, split: str, **kw):
-    return pretrain.build_data(args, split, cmd.eval_transform(args.eval_size or args.global_size), **kw)
+def _write_json_atomic(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
 
 
-def _teacher(args: argparse.Namespace, out_dir: Path) -> cmd.CMDNetwork:
+def _pretrain(argv: list[str]) -> None:
+    """``python -m cmd pretrain ARGV`` with this checkout's ``cmd`` first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(cmd.__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-m", "cmd", "pretrain", *argv], env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"cmd-fgvc pretrain {' '.join(argv)}: exit status {proc.returncode}")
+
+
+def _eval_data(args: SimpleNamespace, split: str, **kw):
+    return training.build_data(args, split, cmd.eval_transform(args.eval_size or args.global_size), **kw)
+
+
+def _teacher(args: SimpleNamespace, out_dir: Path) -> cmd.CMDNetwork:
     """The trained teacher; "dino" / "esvit" runs hold no MIL pooling: a freshly initialised one is used."""
-    net = pretrain.build_network(args)
-    state = torch.load(out_dir / "checkpoint.pth", map_location="cpu", weights_only=True)["teacher"]
+    net = training.build_network(args)
+    state = read_checkpoint(out_dir / "checkpoint.pth")["teacher"]
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(("head.pooling.", "head.region_head.")) for k in missing):
         raise RuntimeError(f"checkpoint does not fit the network: missing {missing}, unexpected {unexpected}")
@@ -125,20 +144,21 @@ def run_one(name: str, seed: int, base: list[str], work_dir: Path) -> dict:
         raise SystemExit(f"{out_dir} holds a run with other options ({cached.get('argv')}); "
                          "remove it or choose another --work_dir")
     t0 = time.perf_counter()
-    result = pretrain.main(argv)
+    _pretrain(argv)
     elapsed = time.perf_counter() - t0
-    args = pretrain.parse_args(argv)
+    args = SimpleNamespace(**read_checkpoint(out_dir / "checkpoint.pth")["args"])  # the run's resolved options
     net = _teacher(args, out_dir)
     mass, uniform = part_mass(net, args)
-    last = json.loads((out_dir / "log.jsonl").read_text().splitlines()[-1])
+    epochs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = epochs[-1]
     row = {
-        "contender": name, "seed": seed, "knn_before": result["knn"].get("before"), "knn_after": result["knn"]["after"],
-        "map100": map_at_100(net, args), "part_mass": mass, "uniform_mass": uniform,
+        "contender": name, "seed": seed, "knn_before": epochs[0].get("knn_top1_before"),
+        "knn_after": last["knn_top1"], "map100": map_at_100(net, args), "part_mass": mass, "uniform_mass": uniform,
         "teacher_entropy": last.get("teacher_entropy"), "teacher_batch_entropy": last.get("teacher_batch_entropy"),
-        "log_k": math.log(args.out_dim), "collapse": sorted(result.get("collapses", {})),
+        "log_k": math.log(args.out_dim), "collapse": sorted({e["collapse"] for e in epochs if e.get("collapse")}),
         "train_time_s": elapsed,
     }
-    write_json_atomic(cache, {"argv": argv, "row": row})
+    _write_json_atomic(cache, {"argv": argv, "row": row})
     return row
 
 

@@ -1,6 +1,6 @@
 """The collapse signals of short real runs, healthy and collapsed: the picture of docs/blocks/losses.md.
 
-Runs the pretraining program (`cmd.cli.pretrain`, logging every step to ``steps.csv``) on the easy
+Runs the pretraining program (``python -m cmd pretrain``, logging every step to ``steps.csv``) on the easy
 synthetic data with a narrow ResNet-18 at 32 px, in three settings that differ only in the teacher:
 
 - healthy: DINO's centering, teacher temperature 0.04, BatchNorm in the heads;
@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,7 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cmd.cli import pretrain  # noqa: E402
+import cmd  # noqa: E402
 
 COMMON = ["--arch", "resnet18", "--synthetic_difficulty", "easy", "--synthetic_image_size", "32",
           "--global_size", "32", "--local_size", "16", "--local_crops_number", "4", "--out_dim", "128",
@@ -47,6 +51,18 @@ def _read_steps(path: Path) -> dict[str, list[float]]:
     return {key: [float(r[key]) for r in rows] for key in ("step", "teacher_entropy", "teacher_batch_entropy")}
 
 
+def _pretrain(argv: list[str]) -> list[str]:
+    """Run ``python -m cmd pretrain ARGV`` (this checkout's ``cmd``); the collapse kinds its epochs diagnosed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(cmd.__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run([sys.executable, "-m", "cmd", "pretrain", *argv], env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"cmd-fgvc pretrain {' '.join(argv)}: exit status {proc.returncode}")
+    out_dir = Path(argv[argv.index("--output_dir") + 1])
+    epochs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(e["collapse"] for e in epochs if e.get("collapse")))
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each run (12 steps each)")
@@ -57,14 +73,14 @@ def main(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory() as work:
         for ax, (name, extra) in zip(axes, SETTINGS.items()):
             out_dir = Path(work) / name.replace(" ", "_")
-            result = pretrain.main([*COMMON, *extra, "--epochs", str(opts.epochs), "--output_dir", str(out_dir)])
+            collapses = _pretrain([*COMMON, *extra, "--epochs", str(opts.epochs), "--output_dir", str(out_dir)])
             steps = _read_steps(out_dir / "steps.csv")
             ax.plot(steps["step"], steps["teacher_entropy"], label="H(P_t): per-sample")
             ax.plot(steps["step"], steps["teacher_batch_entropy"], label="H(mean P_t): batch-mean")
             ax.axhline(log_k, color="gray", linestyle="--", label="log K")
             ax.axhline(0.9 * log_k, color="gray", linestyle=":", linewidth=0.8)
             ax.axhline(0.1 * log_k, color="gray", linestyle=":", linewidth=0.8)
-            diagnosed = ", ".join(result["collapses"]) or "none"
+            diagnosed = ", ".join(collapses) or "none"
             ax.set_title(f"{name}\n(diagnosed: {diagnosed})", fontsize=10)
             ax.set_xlabel("step")
             print(f"{name}: last H(P_t) {steps['teacher_entropy'][-1]:.2f}, "

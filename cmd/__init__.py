@@ -76,6 +76,9 @@ _LAZY_ATTRS: dict[str, str] = {
     "train_linear_probe": "eval",
     "part_weight_mass": "eval",
     "train_supervised": "eval",
+    # a loop that trains as the program does (cmd.training.build_* read a config / recipe)
+    "SeededMultiCrop": "training",
+    "EpochIndexSampler": "training",
 }
 
 _SUBMODULES = (
@@ -94,6 +97,7 @@ _SUBMODULES = (
     "data",
     "eval",
     "viz",
+    "training",
     "recipes",
 )
 
@@ -148,6 +152,7 @@ if _TYPE_CHECKING:  # pragma: no cover - for static analysers only
     from cmd.pooling import MultiInstancePooling
     from cmd.schedules import cosine_schedule, scale_lr, teacher_temperature_schedule
     from cmd.teacher import EMATeacher, update_teacher
+    from cmd.training import EpochIndexSampler, SeededMultiCrop
     from cmd.transforms import (
         IMAGENET_MEAN,
         IMAGENET_STD,

@@ -28,7 +28,7 @@ from torch import nn
 from cmd._unwrap import unwrap_model
 from cmd.schedules import cosine_value
 
-__all__ = ["EMATeacher", "update_teacher"]
+__all__ = ["EMATeacher", "disable_stochastic_depth", "update_teacher"]
 
 _MAX_LISTED = 20
 
@@ -93,6 +93,38 @@ def _check_finite(names: list[str], params: list[torch.Tensor]) -> None:
             "not updated. The training step diverged: lower the learning rate, clip gradients or check the "
             "loss/inputs"
         )
+
+
+# stochastic-depth modules: class name -> the attribute holding the drop probability
+# (timm's DropPath, torchvision's StochasticDepth); matched by name so that neither is imported here
+_STOCHASTIC_DEPTH = {"DropPath": "drop_prob", "StochasticDepth": "p"}
+
+
+def disable_stochastic_depth(module: nn.Module) -> int:
+    """Set the drop probability of every stochastic-depth module in ``module`` to 0, in place.
+
+    Stochastic depth (timm's ``DropPath``, torchvision's ``StochasticDepth``; ``drop_path_rate`` of
+    timm's ViTs and Swins) drops whole residual branches at random in train mode. The official CMD
+    code (EsViT's) builds its teacher with ``drop_path_rate=0``: ``models/swin_transformer.py:962``
+    (``0.0 if is_teacher``) for Swin, ``main_esvit.py:310-315`` (student 0.1, teacher the default 0)
+    for ViTs, as DINO does; so the teacher's targets are deterministic. Dropout (``drop_rate``,
+    ``attn_drop_rate``) is left as it is: the official code gives the teacher the student's value.
+    Returns the number of modules changed.
+
+    Example:
+        >>> import timm
+        >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, drop_path_rate=0.1)
+        >>> disable_stochastic_depth(vit)  # blocks 1 and 2 (block 0's rate is 0: no DropPath module)
+        4
+    """
+    changed = 0
+    for sub in module.modules():
+        attribute = _STOCHASTIC_DEPTH.get(type(sub).__name__)
+        if attribute is not None and isinstance(getattr(sub, attribute, None), float | int):
+            if getattr(sub, attribute) != 0:
+                changed += 1
+            setattr(sub, attribute, 0.0)
+    return changed
 
 
 @torch.no_grad()
@@ -161,8 +193,11 @@ def update_teacher(
 class EMATeacher:
     """An exponential-moving-average teacher of a student network, with DINO's cosine momentum schedule.
 
-    The teacher is a deep copy of the (unwrapped) student whose parameters do not require gradients.
-    Its training mode is independent of the student's (it starts as the student's at copy time; call
+    The teacher is a deep copy of the (unwrapped) student whose parameters do not require gradients,
+    **without stochastic depth**: every drop-path module of the copy gets drop probability 0
+    (`disable_stochastic_depth`), as DINO and EsViT build their teacher with ``drop_path_rate=0``, so
+    two teacher forwards of the same input agree also in train mode; the weights are the student's,
+    and dropout (if any) is kept. Its training mode is independent of the student's (it starts as the student's at copy time; call
     ``ema.teacher.eval()`` or ``.train()`` as your recipe needs). Move it with ``ema.teacher.to(...)``.
 
     With ``total_steps`` the momentum follows ``m(step) = final - (final - m0) * (cos(pi * step /
@@ -209,6 +244,7 @@ class EMATeacher:
         self.step = 0
         self.teacher: nn.Module = copy.deepcopy(unwrap_model(student))
         self.teacher.requires_grad_(False)
+        disable_stochastic_depth(self.teacher)  # the teacher's targets are deterministic (DINO, EsViT)
 
     def momentum_at(self, step: int) -> float:
         """The momentum the schedule gives at update ``step`` (constant without ``total_steps``)."""

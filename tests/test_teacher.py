@@ -202,3 +202,57 @@ def test_finite_check_has_no_false_alarm_for_large_half_precision_weights():
     with torch.no_grad():
         big.weight.fill_(1e30)  # finite, but its float32 2-norm overflows: checked one by one, accepted
     EMATeacher(big, momentum=0.9).update(big)
+
+
+# ------------------------------------------------------------ no stochastic depth in the teacher (issue 22 item 4)
+def _tiny_swin(drop_path_rate: float) -> nn.Module:
+    import timm
+
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, img_size=32,
+                             window_size=4, embed_dim=24, depths=(1, 2), num_heads=(1, 2),
+                             drop_path_rate=drop_path_rate)
+
+
+@pytest.mark.parametrize("make", ["swin", "vit"])
+def test_teacher_has_no_stochastic_depth_but_the_same_weights(make):
+    import cmd
+
+    torch.manual_seed(0)
+    if make == "swin":
+        student = _tiny_swin(0.1)
+    else:  # the library's backbone wrapper around a timm ViT
+        student = cmd.create_backbone("vit_tiny", depth=3, patch_size=8, embed_dim=48, num_heads=3,
+                                      drop_path_rate=0.1)
+    ema = EMATeacher(student)
+    teacher = ema.teacher
+    student.train()
+    teacher.train()
+    x = torch.randn(4, 3, 32, 32)
+
+    def forward(model):
+        out = model(x)
+        return out.pooled if hasattr(out, "pooled") else out
+
+    with torch.no_grad():
+        t1, t2 = forward(teacher), forward(teacher)
+        s1, s2 = forward(student), forward(student)
+    assert torch.equal(t1, t2)  # deterministic in train mode
+    assert not torch.equal(s1, s2)  # the student keeps its stochastic depth
+    for (name, p), (name_t, q) in zip(student.state_dict().items(), teacher.state_dict().items(), strict=True):
+        assert name == name_t and torch.equal(p, q), name
+    drop = [m for m in student.modules() if type(m).__name__ == "DropPath"]
+    assert drop and all(m.drop_prob > 0 for m in drop)
+    assert all(m.drop_prob == 0 for m in teacher.modules() if type(m).__name__ == "DropPath")
+    # the update keeps working (the same parameter names) and the teacher stays deterministic
+    ema.update(student, momentum=0.5)
+    with torch.no_grad():
+        assert torch.equal(forward(teacher), forward(teacher))
+
+
+def test_disable_stochastic_depth_counts_and_leaves_dropout():
+    from cmd.teacher import disable_stochastic_depth
+
+    model = nn.Sequential(_tiny_swin(0.2), nn.Dropout(0.3))
+    assert disable_stochastic_depth(model) > 0
+    assert disable_stochastic_depth(model) == 0  # idempotent
+    assert model[1].p == 0.3

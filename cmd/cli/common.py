@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-import cmd
 from cmd import distributed as dist
 
 __all__ = ["build_data", "cli_message", "resolve_device", "rounded", "run_command"]
@@ -37,23 +36,19 @@ def cli_message(err: BaseException) -> str:
 
 
 def build_data(args: argparse.Namespace, split: str, transform: Any, *, command: str, **synthetic: Any):
-    """The ``split`` of the dataset chosen by ``--dataset`` (``synthetic`` options or ``--data_path``).
+    """`cmd.training.build_data` with errors that name the flags to change (``--data_path``, ``--no_knn``).
 
     ``command`` ("pretrain" or "evaluate") chooses the advice given when the split is missing.
     ``synthetic`` goes to `cmd.SyntheticFineGrained` (e.g. ``return_part_mask=True``).
     """
+    from cmd.training import build_data as _build_data
+
     if args.dataset == "synthetic":
-        return cmd.SyntheticFineGrained(
-            n_classes=args.synthetic_classes, n_per_class=args.synthetic_per_class,
-            image_size=args.synthetic_image_size, split=split, seed=args.seed, transform=transform,
-            difficulty=getattr(args, "synthetic_difficulty", "hard"), class_hue=getattr(args, "synthetic_class_hue", None),
-            clutter=getattr(args, "synthetic_clutter", None),
-            **synthetic,
-        )
+        return _build_data(args, split, transform, **synthetic)
     if args.data_path is None:
         raise SystemExit(f"--data_path is required for --dataset {args.dataset}")
     try:
-        return cmd.build_dataset(args.dataset, args.data_path, split, transform)
+        return _build_data(args, split, transform, **synthetic)
     except ValueError as err:  # e.g. a test split with classes the train split lacks
         raise SystemExit(f"--data_path {args.data_path} ({split} split): {cli_message(err)}") from err
     except FileNotFoundError as err:

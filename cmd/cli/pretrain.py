@@ -23,12 +23,16 @@ The run resumes automatically from ``output_dir/checkpoint.pth``; a resumed run 
 schedule recomputed from the current options (a larger ``--epochs`` extends a finished run).
 ``log.jsonl`` (one row per completed epoch) is written only after the checkpoint that holds its
 epoch; per-step scalars go to ``steps.csv`` / TensorBoard (``--logger``); ``args.json`` lists every
-start. The bookkeeping lives in `cmd.cli.run_state`, `cmd.cli.loggers` and `cmd.cli.output_lock`.
+start. The bookkeeping lives in `cmd.cli.run_state`, `cmd.cli.loggers` and `cmd.cli.output_lock`;
+the data pipeline, network, loss, teacher, optimiser and schedules are built by `cmd.training` (a
+custom loop built from the same options trains identically). One data-loader pass spans all the
+remaining epochs, so its workers prefetch the next epoch's first batches while an epoch ends.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -44,6 +48,7 @@ from tqdm.auto import tqdm
 
 import cmd
 from cmd import distributed as dist
+from cmd import training
 from cmd.checkpoint import CheckpointError, read_checkpoint
 from cmd.cli.collapse import COLLAPSE_EXIT_STATUS, CollapseStop, CollapseWatch
 from cmd.cli.common import build_data as _build_data
@@ -63,6 +68,7 @@ from cmd.cli.run_state import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from cmd.training import EpochIndexSampler, SeededMultiCrop  # noqa: F401  (importable from here)
 
 # --------------------------------------------------------------------------------------- options
 # The parser and the --config mechanism live in cmd/cli/options.py (shared with `cmd-fgvc evaluate`).
@@ -71,54 +77,8 @@ parse_args = parse_pretrain_args
 
 
 # ------------------------------------------------------------------------------------------ data
-
-
-class SeededMultiCrop(Dataset):
-    """Applies the multi-crop augmentation with a generator seeded by (seed, epoch, index).
-
-    The augmentation of an image then depends neither on the worker that loads it nor on what
-    was loaded before, so a run resumed from a checkpoint (even mid-epoch) sees exactly the crops
-    the uninterrupted run would have seen. Keys are ``(epoch, index)`` pairs (from
-    `EpochIndexSampler`), so persistent data-loading workers need no per-epoch state.
-    """
-
-    def __init__(self, dataset: Dataset, transform, seed: int):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, index = key
-        item = self.dataset[index]
-        image, label = item[0], item[1]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
-            crops = self.transform(image)
-        return crops, label
-
-
-class EpochIndexSampler(torch.utils.data.Sampler):
-    """Yields ``(epoch, index)`` from a `DistributedSampler`, optionally skipping the first indices.
-
-    ``set_epoch(epoch, skip)`` reshuffles (the order depends only on the seed and the epoch) and
-    skips the ``skip`` indices a resumed run has already trained on in that epoch.
-    """
-
-    def __init__(self, sampler: DistributedSampler):
-        self.sampler, self.epoch, self.skip = sampler, 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self):
-        for i, index in enumerate(self.sampler):
-            if i >= self.skip:
-                yield self.epoch, index
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.skip)
+# SeededMultiCrop and EpochIndexSampler live in the library (cmd.training.data); imported above and
+# kept importable from here.
 
 
 def build_data(args, split: str, transform, **synthetic):
@@ -132,43 +92,22 @@ def build_data(args, split: str, transform, **synthetic):
 def build_network(
     args: argparse.Namespace, *, verbose: bool = False, outputs: frozenset[str] | None = None
 ) -> cmd.CMDNetwork:
-    """The student: a backbone (optionally initialised from --init) and a cross-level head.
+    """`cmd.training.build_network` with ``--init`` errors as one line naming the flags.
 
     ``outputs`` (the loss's ``student_outputs``): build only the head parts the loss consumes, so
     that every parameter gets a gradient (DDP without find_unused_parameters).
     """
-    mil = outputs is None or "mil_weights" in outputs or args.image_input == "mil"
-    regions = outputs is None or bool({"region", "region_embedding"} & outputs)
-    # --init goes through create_backbone: EsViT/CMD and DINO checkpoints get their reference numerics
-    init = {"checkpoint": args.init, "checkpoint_key": args.init_key, "strict": not args.init_partial}
     try:
-        backbone = cmd.create_backbone(args.arch, pretrained=False, **(init if args.init else {}),
-                                       drop_path_rate=args.drop_path, **args.backbone_kwargs)
+        network = training.build_network(args, outputs=outputs)
     except ValueError as err:
         if not args.init:
             raise
-        raise SystemExit(
-            f"--init {args.init}: {cli_message(err)} (--init_partial starts from the part that fits)"
-        ) from err
-    report = backbone.load_report
-    if report is not None and report.loaded == 0:
-        raise SystemExit(f"--init {args.init}: nothing loads into {args.arch}: {report.summary()}")
+        hint = "" if args.init_partial else " (--init_partial starts from the part that fits)"
+        raise SystemExit(f"--init {args.init}: {cli_message(err)}{hint}") from err
+    report = network.backbone.load_report
     if report is not None and verbose:
         print(f"initialised from {args.init} [{args.init_key}]: {report.summary()}")
-    head = cmd.CrossLevelHead(
-        backbone.embed_dim,
-        out_dim=args.out_dim,
-        hidden_dim=args.head_hidden_dim,
-        bottleneck_dim=args.head_bottleneck_dim,
-        pooling=args.mil_pooling if mil else None,
-        image_input=args.image_input,
-        norm_last_layer=args.norm_last_layer,
-        share_prototypes=args.share_prototypes,
-        use_bn=args.head_bn,
-        region_head=args.loss != "dino" and regions,
-        region_output="embedding" if args.fused_region_chunk else "logits",
-    )
-    return cmd.CMDNetwork(backbone, head)
+    return network
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -232,64 +171,21 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = Path(args.output_dir)
     progress = not args.no_progress and rank == 0
 
-    # ---- data (checked before anything is written: a failed start leaves the output folder alone)
-    augmentation = cmd.MultiCropAugmentation(
-        global_size=args.global_size,
-        local_size=args.local_size,
-        n_global=2,
-        n_local=args.local_crops_number,
-        global_scale=tuple(args.global_crops_scale),
-        local_scale=tuple(args.local_crops_scale),
-    )
-    train_set = SeededMultiCrop(_check_data(args), augmentation, args.seed)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    epoch_sampler = EpochIndexSampler(sampler)
-    loader = DataLoader(
-        train_set,
-        sampler=epoch_sampler,
-        batch_size=args.batch_size_per_gpu,
-        num_workers=args.num_workers,
-        collate_fn=cmd.multicrop_collate,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.num_workers > 0,
-        prefetch_factor=4 if args.num_workers > 0 else None,
-        worker_init_fn=ignore_termination_signals if args.num_workers > 0 else None,
-    )
-    iters_per_epoch = len(sampler) // args.batch_size_per_gpu
-    if iters_per_epoch == 0:
-        raise SystemExit(
-            f"the training set ({len(train_set)} images over {world} processes) is smaller than one batch "
-            f"of {args.batch_size_per_gpu}: lower --batch_size_per_gpu"
+    # ---- data (checked before anything is written: a failed start leaves the output folder alone).
+    # One loader pass spans all the remaining epochs (workers prefetch across the epoch boundaries).
+    try:
+        loader = training.build_train_loader(
+            args, _check_data(args), seed=args.seed, rank=rank, world_size=world, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda", worker_init_fn=ignore_termination_signals,
         )
+    except ValueError as err:  # smaller than one batch
+        raise SystemExit(f"{err}: lower --batch_size_per_gpu") from err
+    train_set, epoch_sampler = loader.dataset, loader.sampler
+    iters_per_epoch = epoch_sampler.epoch_length // args.batch_size_per_gpu
     total_steps = args.epochs * iters_per_epoch
 
     # ---- loss (first: it says which outputs the networks must give)
-    overrides = {
-        k: v
-        for k, v in dict(
-            image_weight=args.image_weight,
-            region_weight=args.region_weight,
-            inter_weight=args.inter_weight,
-            swapped_weight=args.swapped_weight,
-        ).items()
-        if v is not None
-    }
-    criterion = cmd.CMDLoss.from_preset(
-        args.loss,
-        out_dim=args.out_dim,
-        n_global_crops=2,
-        n_local_crops=args.local_crops_number,
-        warmup_teacher_temp=args.warmup_teacher_temp,
-        teacher_temp=args.teacher_temp,
-        warmup_teacher_temp_epochs=args.warmup_teacher_temp_epochs,
-        student_temp=args.student_temp,
-        center_momentum=args.center_momentum,
-        centering=args.centering,
-        koleo_weight=args.koleo_weight,
-        fused_chunk_size=args.fused_region_chunk or None,
-        **overrides,
-    ).to(device)
+    criterion = training.build_loss(args).to(device)
     # ---- networks. The teacher's update is not checked on the host each step: FiniteGuard skips a
     # non-finite step on the device, so the student (and with it the teacher) stays finite.
     student = build_network(args, verbose=rank == 0, outputs=criterion.student_outputs).to(device)
@@ -298,8 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         elif rank == 0:  # torch's SyncBatchNorm runs on GPUs only
             print("note: --head_bn on the CPU under torch.distributed: BatchNorm statistics per process")
-    ema = cmd.EMATeacher(student, momentum=args.momentum_teacher, final_momentum=1.0, total_steps=total_steps,
-                         check_finite=False)
+    ema = training.build_teacher(args, student, total_steps, check_finite=False)
     teacher = ema.teacher
     student_ddp: nn.Module = student
     if dist.is_dist():
@@ -313,15 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         student_fwd, teacher_fwd = torch.compile(student_ddp), torch.compile(teacher)
 
     # ---- optimiser, schedules (always from the current options, also on resume)
-    try:  # the fused AdamW kernel (CUDA; CPU since torch 2.4) is several times faster than the loop
-        optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay), fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        optimizer = torch.optim.AdamW(cmd.param_groups(student, weight_decay=args.weight_decay))
-    lr_schedule = cmd.cosine_schedule(
-        cmd.scale_lr(args.lr, args.batch_size_per_gpu * world), args.min_lr, args.epochs, iters_per_epoch,
-        warmup_epochs=min(args.warmup_epochs, args.epochs),
-    )
-    wd_schedule = cmd.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
+    optimizer = training.build_optimizer(args, student)  # fused AdamW where torch has it
+    lr_schedule, wd_schedule = training.build_schedules(args, iters_per_epoch, world)
     precision = cmd.mixed_precision(device, args.amp)
     # skip a non-finite step on the device (fused AdamW reads found_inf); fp16's GradScaler skips on its own
     skip_on_device = bool(optimizer.defaults.get("fused")) and not precision.scaler.is_enabled()
@@ -425,9 +313,12 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     watch = CollapseWatch(criterion.out_dim, stop=args.stop_on_collapse, verbose=rank == 0,
                           reduce_mean=(lambda *v: _mean_over_processes(*v, device=device)) if dist.is_dist() else None)
     summary: dict = {}
+    # one loader pass over every remaining epoch, split by epoch below: the workers prefetch the next
+    # epoch's first batches while this one ends (the order and crops are those of one pass per epoch)
+    epoch_sampler.set_epochs(start_epoch, args.epochs, skip=epoch_step * args.batch_size_per_gpu)
+    batches = iter(loader)
     try:
         for epoch in range(start_epoch, args.epochs):
-            epoch_sampler.set_epoch(epoch, skip=epoch_step * args.batch_size_per_gpu)
             student.train()
             t0 = time.perf_counter()
             if device.type == "cuda":
@@ -437,7 +328,8 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
             if epoch_step:
                 stats.load_state_dict(history.get("partial"))
             t_log, step_logged = time.perf_counter(), step
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False)
+            bar = tqdm(itertools.islice(batches, iters_per_epoch - epoch_step), total=iters_per_epoch - epoch_step,
+                       desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False)
             for crops, _labels in bar:
                 cmd.set_schedules(optimizer, lr=float(lr_schedule[step]), weight_decay=float(wd_schedule[step]))
                 crops = [c.to(device, non_blocking=True) for c in crops]

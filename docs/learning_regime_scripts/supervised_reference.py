@@ -1,17 +1,34 @@
-"""Supervised reference: same backbone, same global-crop augmentation, same steps; k-NN + train-acc."""
-import json, sys, time, argparse
+"""Supervised reference: same backbone, same global-crop augmentation, same steps; k-NN + train-acc.
+
+The model and crops come from the ``demo`` recipe (``--recipe``), the data from the program's
+synthetic defaults (``--difficulty``); built with the library's blocks (`cmd.training`).
+"""
+import json, time, argparse
+from types import SimpleNamespace
 import torch, torch.nn as nn
 import cmd
-sys.path.insert(0, "examples")  # run from the repository root
-try:
-    from cmd.cli.pretrain import build_data, knn_top1, parse_args
-except ImportError:
-    from pretrain import build_data, knn_top1, parse_args
+from cmd.training import build_data
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=120)
 p.add_argument("--slr", type=float, default=1e-3)
-a, rest = p.parse_known_args()
-args = parse_args(rest + ["--num_workers", "0", "--no_progress"])
+p.add_argument("--recipe", default="demo")
+p.add_argument("--difficulty", default="demo")
+p.add_argument("--seed", type=int, default=0)
+a = p.parse_args()
+args = SimpleNamespace(**vars(cmd.recipes.get(a.recipe)), dataset="synthetic", data_path=None, seed=a.seed,
+                       synthetic_classes=10, synthetic_per_class=100, synthetic_image_size=32,
+                       synthetic_difficulty=a.difficulty, knn_k=20)
+
+
+@torch.no_grad()
+def knn_top1(backbone, args, device, k):
+    """k-NN top-1 (%) of the backbone's pooled features (train split as memory, test as queries)."""
+    tf = cmd.eval_transform(args.global_size)
+    feats = [cmd.extract_features(backbone, torch.utils.data.DataLoader(build_data(args, s, tf), batch_size=64),
+                                  device=device, progress=False) for s in ("train", "test")]
+    return float(cmd.KNNClassifier(k=(k,), temperature=0.07).fit(*feats[0]).evaluate(*feats[1])[k]["top1"])
+
+
 torch.manual_seed(args.seed)
 bb = cmd.create_backbone(args.arch, **args.backbone_kwargs)
 head = nn.Linear(bb.embed_dim, args.synthetic_classes)

@@ -188,7 +188,6 @@ def test_student_network_is_the_official_one(paper_student, resolved):
     assert args.out_dim in {m.out_features for m in net.head.modules() if isinstance(m, torch.nn.Linear)}
 
 
-@pytest.mark.xfail(strict=True, reason="needs blocks' EMATeacher change (teacher built without drop path)")
 def test_teacher_has_no_drop_path(paper_student):
     """The official teacher is built with drop path 0 (models/swin_transformer.py:962)."""
     teacher = cmd.EMATeacher(paper_student).teacher
