@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cmd.cli.exit_status import EXIT_STATUS_EPILOG
 from cmd.cli.loggers import parse_logger_names
 
 __all__ = [
@@ -227,6 +228,7 @@ def build_pretrain_parser() -> CommandParser:
     p = CommandParser(
         prog="cmd-fgvc pretrain",
         description="CMD self-supervised pretraining (defaults: a CPU demo on synthetic data, a few minutes).",
+        epilog=EXIT_STATUS_EPILOG,
     )
     _add_config(p)
     g = p.add_argument_group("model")
