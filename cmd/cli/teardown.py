@@ -99,5 +99,7 @@ def finish_distributed(*, clean: bool) -> None:
     try:
         if clean:
             torch_dist.barrier()
+    except RuntimeError:  # another process failed and left: its own error is what counts
+        pass
     finally:
         torch_dist.destroy_process_group()

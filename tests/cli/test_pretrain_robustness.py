@@ -20,9 +20,7 @@ import torch
 from PIL import Image
 
 from cmd.cli import pretrain
-from cmd.cli.exit_status import INTERRUPTED
 from cmd.cli.options import build_pretrain_parser
-from cmd.cli.run_state import RESUME_POLICY
 from tests.examples.test_pretrain import SMALL  # 4 steps per epoch on the synthetic data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,6 +193,8 @@ def test_loss_options_changed_on_resume_get_the_note(tmp_path, capsys):
 
 
 def test_every_pretrain_option_has_a_resume_policy():
+    from cmd.cli.run_state import RESUME_POLICY
+
     options = {a.dest for a in build_pretrain_parser()._actions if a.dest != "help"}
     missing = sorted(options - set(RESUME_POLICY))
     assert not missing, f"classify these options in cmd.cli.run_state.RESUME_POLICY: {missing}"
@@ -253,14 +253,14 @@ def test_non_finite_stop_after_a_checkpoint_names_the_kept_one(tmp_path, monkeyp
 # -------------------------------------------------------------------------------- item 21: exit statuses
 def test_exit_status_is_75_when_interrupted_and_0_when_finished(tmp_path, capsys):
     common = [*SMALL, "--epochs", "1", "--no_knn", "--output_dir", str(tmp_path)]
-    assert pretrain.run([*common, "--max_steps", "2"]) == INTERRUPTED == 75  # mid-epoch
+    assert pretrain.run([*common, "--max_steps", "2"]) == 75  # mid-epoch (cmd.cli.exit_status.INTERRUPTED)
     assert pretrain.run(common) == 0  # resumed and finished
     assert pretrain.run(common) == 0  # nothing left to train
     at_boundary = [*SMALL, "--epochs", "2", "--no_knn", "--output_dir", str(tmp_path / "b"), "--max_steps", "4"]
     assert pretrain.run(at_boundary) == 75  # stopped at the end of epoch 1 of 2
     assert pretrain.run(at_boundary) == 0  # the last epoch: finished
-    help_text = build_pretrain_parser().format_help()
-    assert "exit status: 0 finished" in help_text and "75 interrupted" in " ".join(help_text.split())
+    help_text = " ".join(build_pretrain_parser().format_help().split())
+    assert "exit status: 0 finished" in help_text and "75 interrupted" in help_text
 
 
 # ------------------------------------------------------------- item 22: teardown in order on every exit path
@@ -323,7 +323,7 @@ def test_torchrun_teardown_loop_never_aborts(tmp_path):
         "    return {'interrupted': False}\n"
         "sys.exit(run_command(main, None))\n"
     )
-    for i in range(4):
+    for i in range(3):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                str(script)], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
         assert proc.returncode == 0 and "terminate called" not in proc.stderr, (i, proc.stderr[-3000:])
