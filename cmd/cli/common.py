@@ -100,12 +100,12 @@ def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None,
 
     ``status(result)`` maps what ``main`` returned to a status (default 0). An error listed in
     ``errors`` is printed as one ``error: ...`` line and gives the status paired with it. On the
-    way out, in this order: data-loading workers still alive after an error are stopped (they ignore
-    SIGTERM, `cmd.cli.teardown`), then the distributed process group is destroyed (after a barrier
-    when ``main`` returned normally).
+    way out the distributed process group is destroyed (after a barrier when ``main`` returned
+    normally); data-loading workers still alive after an error (they ignore SIGTERM) are killed at
+    interpreter exit instead of being waited for (`cmd.cli.teardown.install_exit_hook`).
     """
     from cmd.cli.data_guard import loader_error_line
-    from cmd.cli.teardown import finish_distributed, install_exit_hook, kill_loader_workers
+    from cmd.cli.teardown import finish_distributed, install_exit_hook
 
     install_exit_hook()
     clean = False
@@ -116,8 +116,6 @@ def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None,
         print(f"error: {loader_error_line(err)}", file=sys.stderr)  # one line, also for a worker's error
         return next(code for e, code in errors if isinstance(err, e))
     finally:
-        if not clean:
-            kill_loader_workers()
         if dist.is_dist():
             finish_distributed(clean=clean)
     return status(result) if status is not None else 0

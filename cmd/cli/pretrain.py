@@ -64,7 +64,7 @@ from cmd.cli.run_state import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from cmd.cli.teardown import close_loader, kill_loader_workers
+from cmd.cli.teardown import close_loader, install_exit_hook, kill_loader_workers
 
 # --------------------------------------------------------------------------------------- options
 # The parser and the --config mechanism live in cmd/cli/options.py (shared with `cmd-fgvc evaluate`).
@@ -217,6 +217,7 @@ def _check_data(args: argparse.Namespace) -> Dataset:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    install_exit_hook()  # data-loading workers ignore SIGTERM: killed at exit, never waited for
     dist.init_distributed_from_env()
     if args.supervised_reference and dist.is_dist():
         raise SystemExit("error: --supervised_reference runs in one process; run it without torchrun")
@@ -525,7 +526,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                     print(f"stopped at step {step} ({why}); checkpoint saved to {ckpt_path}")
                 return {"interrupted": True, "step": step, **summary}
     except BaseException:
-        kill_loader_workers()  # an error: the workers (which ignore SIGTERM) go at once
+        kill_loader_workers(loader)  # an error: the training loader's workers (which ignore SIGTERM) go at once
         raise
     finally:
         step_log.close()

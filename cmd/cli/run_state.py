@@ -239,7 +239,8 @@ RESUME_POLICY: dict[str, str] = {
                      "freeze_last_layer", "amp", "compile"), "note"),
     **dict.fromkeys(("config", "output_dir", "device", "num_workers", "no_progress", "log_every", "logger",
                      "max_steps", "knn_every", "knn_k", "no_knn", "eval_size", "saveckp_freq", "stop_on_collapse",
-                     "supervised_reference", "viz", "init", "init_key", "init_partial"), "free"),
+                     "supervised_reference", "viz", "init", "init_key", "init_partial",
+                     "recipe"), "free"),  # a --recipe's values are the options it sets, checked one by one
 }
 MODEL_KEYS = tuple(k for k, v in RESUME_POLICY.items() if v == "model")
 ORDER_KEYS = tuple(k for k, v in RESUME_POLICY.items() if v == "epoch")

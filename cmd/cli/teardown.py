@@ -8,10 +8,11 @@ forever. After an error (e.g. an unreadable image raised from a worker) the load
 not have shut its workers down, and the process would hang at exit. Hence:
 
 - `close_loader`: shut a loader's persistent workers down (the normal end of a run);
-- `kill_loader_workers`: SIGKILL the DataLoader workers (daemonic children) still alive (an error
-  exit; they hold no state worth keeping: the main process already saved what it could);
-- `install_exit_hook`: `kill_loader_workers` at interpreter exit, before ``multiprocessing`` waits
-  for its children (a safety net for any path that missed the two above);
+- `kill_loader_workers`: SIGKILL a loader's workers still alive (an error exit; they hold no state
+  worth keeping: the main process already saved what it could);
+- `install_exit_hook`: `kill_loader_workers` (every daemonic child) at interpreter exit, before
+  ``multiprocessing`` waits for its children: the way out after an error anywhere else (e.g. in
+  the k-NN monitor's loaders, whose iterators live inside `cmd.extract_features`);
 - `finish_distributed`: on a clean exit, every process waits for the others (a barrier), then the
   process group is destroyed; after an error it is destroyed without waiting.
 
@@ -45,22 +46,36 @@ def ignore_termination_signals(_worker_id: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def kill_loader_workers(timeout: float = 5.0) -> int:
-    """SIGKILL this process's daemonic child processes still alive (DataLoader workers); returns how many.
+def kill_loader_workers(loader: Any = None, timeout: float = 5.0) -> int:
+    """SIGKILL DataLoader workers still alive; returns how many.
 
-    Python's own exit handler stops daemonic children with SIGTERM, which the workers ignore; this
-    does the same with SIGKILL. (A started `multiprocessing.Process` no longer holds its target, so
-    DataLoader workers are recognised as what torch makes them: daemonic children.) The SIGCHLD
-    handler torch installs would report the killed workers as an error: it is reset first (this is
-    only called on the way out).
+    With ``loader``: the workers of its current iterator (persistent workers). Without: every
+    daemonic child process (at interpreter exit: Python's own exit handler stops daemonic children
+    with SIGTERM, which the workers ignore; this does the same with SIGKILL; a started
+    `multiprocessing.Process` no longer holds its target, so DataLoader workers are recognised as
+    what torch makes them, daemonic children). The SIGCHLD handler torch installs would report the
+    killed workers as an error: the loader's worker pids are unregistered from it first; at exit
+    (no ``loader``) the handler is reset.
     """
-    workers = [p for p in multiprocessing.active_children() if p.daemon and p.is_alive()]
+    iterator = getattr(loader, "_iterator", None) if loader is not None else None
+    if loader is not None:
+        candidates = list(getattr(iterator, "_workers", None) or [])
+    else:
+        candidates = multiprocessing.active_children()
+    workers = [p for p in candidates if p.daemon and p.is_alive()]
     if not workers:
         return 0
-    try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    except ValueError:  # not the main thread
-        pass
+    if iterator is not None:
+        if getattr(iterator, "_worker_pids_set", False):
+            from torch.utils.data._utils import signal_handling
+
+            signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+    else:
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        except ValueError:  # not the main thread
+            pass
     for p in workers:
         p.kill()
     for p in workers:
@@ -73,7 +88,7 @@ def install_exit_hook() -> None:
     if not _HOOK["installed"]:
         import multiprocessing.util  # noqa: F401  (its exit handler is registered first, so it runs after ours)
 
-        atexit.register(kill_loader_workers)
+        atexit.register(kill_loader_workers, None)
         _HOOK["installed"] = True
 
 
