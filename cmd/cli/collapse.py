@@ -21,9 +21,11 @@ import math
 import sys
 from collections.abc import Mapping
 
+from cmd.cli.exit_status import COLLAPSE
+
 __all__ = ["COLLAPSE_EXIT_STATUS", "CollapseStop", "CollapseWatch", "collapse_message"]
 
-COLLAPSE_EXIT_STATUS = 3
+COLLAPSE_EXIT_STATUS = COLLAPSE  # see cmd.cli.exit_status
 
 _REMEDIES = {
     "uniform": (

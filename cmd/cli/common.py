@@ -89,18 +89,28 @@ def rounded(value: Any, digits: int = 6) -> Any:
 
 
 def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None,
-                errors: tuple[tuple[type[BaseException], int], ...] = ()) -> int:
-    """Run a command's ``main(argv)``; return its exit status (0, or the status paired with an error).
+                errors: tuple[tuple[type[BaseException], int], ...] = (),
+                status: Callable[[Any], int] | None = None) -> int:
+    """Run a command's ``main(argv)``; return its exit status (see `cmd.cli.exit_status`).
 
-    An error listed in ``errors`` is printed as one ``error: ...`` line; a distributed process
-    group is destroyed in every case.
+    ``status(result)`` maps what ``main`` returned to a status (default 0). An error listed in
+    ``errors`` is printed as one ``error: ...`` line and gives the status paired with it. On the
+    way out the distributed process group is destroyed (after a barrier when ``main`` returned
+    normally); data-loading workers still alive after an error (they ignore SIGTERM) are killed at
+    interpreter exit instead of being waited for (`cmd.cli.teardown.install_exit_hook`).
     """
+    from cmd.cli.data_guard import loader_error_line
+    from cmd.cli.teardown import finish_distributed, install_exit_hook
+
+    install_exit_hook()
+    clean = False
     try:
-        main(argv)
+        result = main(argv)
+        clean = True
     except tuple(e for e, _ in errors) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {loader_error_line(err)}", file=sys.stderr)  # one line, also for a worker's error
         return next(code for e, code in errors if isinstance(err, e))
     finally:
         if dist.is_dist():
-            torch.distributed.destroy_process_group()
-    return 0
+            finish_distributed(clean=clean)
+    return status(result) if status is not None else 0

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cmd import recipes
+from cmd.cli.exit_status import EXIT_STATUS_EPILOG
 from cmd.cli.loggers import parse_logger_names
 from cmd.recipes.schema import (
     NON_NEGATIVE,
@@ -290,7 +291,7 @@ def build_pretrain_parser() -> CommandParser:
     p = _build(PretrainOptions, parse_pretrain_args, "cmd-fgvc pretrain",
                "CMD self-supervised pretraining. Every method, optimisation and crop option comes from a recipe "
                "(cmd-fgvc recipes lists them; default: demo, a CPU run of a few minutes, for --dataset synthetic, "
-               "and paper for a real dataset); --config FILE overrides the recipe, flags override both.")
+               "and paper for a real dataset); --config FILE overrides the recipe, flags override both.", EXIT_STATUS_EPILOG)
     p.add_argument("--recipe", choices=recipes.names(), metavar="NAME",
                    help=f"training recipe: {', '.join(recipes.names())}; default: demo for --dataset synthetic, "
                         "paper-cars for --dataset cars, paper for the other datasets")

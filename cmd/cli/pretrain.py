@@ -53,6 +53,9 @@ from cmd.checkpoint import CheckpointError, read_checkpoint
 from cmd.cli.collapse import COLLAPSE_EXIT_STATUS, CollapseStop, CollapseWatch
 from cmd.cli.common import build_data as _build_data
 from cmd.cli.common import cli_message, run_command
+from cmd.cli.data_guard import DataLoadError, GuardedBatches
+from cmd.cli.data_identity import data_identity
+from cmd.cli.exit_status import pretrain_status
 from cmd.cli.loggers import StepLoggers, build_step_loggers, show_progress
 from cmd.cli.options import build_pretrain_parser, parse_pretrain_args
 from cmd.cli.output_lock import OutputLock, OutputLockedError
@@ -68,6 +71,7 @@ from cmd.cli.run_state import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from cmd.cli.teardown import close_loader, install_exit_hook, kill_loader_workers
 from cmd.training import EpochIndexSampler, SeededMultiCrop  # noqa: F401  (importable from here)
 
 # --------------------------------------------------------------------------------------- options
@@ -155,6 +159,7 @@ def _check_data(args: argparse.Namespace) -> Dataset:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.no_progress = not show_progress(args.no_progress)  # no bars into a redirected log (CMD_FGVC_PROGRESS=1 forces)
+    install_exit_hook()  # data-loading workers ignore SIGTERM: killed at exit, never waited for
     dist.init_distributed_from_env()
     if args.supervised_reference and dist.is_dist():
         raise SystemExit("error: --supervised_reference runs in one process; run it without torchrun")
@@ -236,6 +241,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     ckpt_path = out_dir / "checkpoint.pth"
     log_path = out_dir / "log.jsonl"
     current = {**_jsonable(vars(args)), "world_size": world}
+    identity = data_identity(args, getattr(train_set, "dataset", train_set))  # checked on resume
     history: dict = {}
     resumed_at = None
     if ckpt_path.exists():
@@ -247,7 +253,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
         except CheckpointError:  # name the model options that changed, when they are the reason
             check_model_options(read_checkpoint(ckpt_path).get("args") or {}, current, ckpt_path)
             raise
-        plan = resume_plan(meta, current, iters_per_epoch, ckpt_path)
+        plan = resume_plan(meta, current, iters_per_epoch, ckpt_path, data=identity)
         start_epoch, epoch_step, step = plan.epoch, plan.epoch_step, plan.step
         history = meta.get("history", {}) or {}
         if "epochs" not in history and log_path.exists():  # a checkpoint of an older version
@@ -297,7 +303,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
             loss=criterion.state_dict(), scaler=precision.scaler.state_dict() if precision.scaler else None,
             ema=ema.state_dict(), args=_jsonable(vars(args)), history=history,
             backbone_numerics=student.backbone.numerics, iters_per_epoch=iters_per_epoch, world_size=world,
-            **position,
+            data_identity=identity, **position,
         )
 
     steps_this_run = 0
@@ -309,7 +315,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     active = list(criterion.active_terms)
     names = ["loss", *active, *_EXTRA_TERMS]
     guarded = len(active) + 1  # the loss and the active terms must be finite (the others are NaN when unused)
-    guard = FiniteGuard(names[:guarded], device)
+    guard = FiniteGuard(names[:guarded], device, checkpoint=ckpt_path)
     watch = CollapseWatch(criterion.out_dim, stop=args.stop_on_collapse, verbose=rank == 0,
                           reduce_mean=(lambda *v: _mean_over_processes(*v, device=device)) if dist.is_dist() else None)
     summary: dict = {}
@@ -330,7 +336,8 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
             t_log, step_logged = time.perf_counter(), step
             bar = tqdm(itertools.islice(batches, iters_per_epoch - epoch_step), total=iters_per_epoch - epoch_step,
                        desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False)
-            for crops, _labels in bar:
+            loading = GuardedBatches(bar)  # a loading error ends the loop: the steps done are saved below
+            for crops, _labels in loading:
                 cmd.set_schedules(optimizer, lr=float(lr_schedule[step]), weight_decay=float(wd_schedule[step]))
                 crops = [c.to(device, non_blocking=True) for c in crops]
                 with precision.autocast():
@@ -378,9 +385,17 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
             if watch.stop_requested:
                 _stop_on_collapse(args, history, stats, watch, epoch, epoch_done, epoch_step, step, elapsed, world, device,
                                   lr_schedule, wd_schedule, ema, criterion, active, save, ckpt_path, log_path, rank)
+            if loading.error is not None and (dist.is_dist() or not epoch_step):  # nothing to save, or cannot
+                why = ("under torch.distributed the other processes cannot join a save" if dist.is_dist() else
+                       f"no step of epoch {epoch + 1} was done")
+                raise DataLoadError(f"{loading.error}; {why}: nothing saved"
+                                    + (f" (the checkpoint {ckpt_path} is kept)" if ckpt_path.exists() else ""))
             if not epoch_done:  # interrupted: the epoch's sums so far go into the checkpoint
                 history["partial"] = stats.state_dict(dist.all_reduce_sum, elapsed)
                 save(ckpt_path, epoch=epoch, epoch_step=epoch_step, step=step)
+                if loading.error is not None:  # an unreadable image: saved like a signal, then the error
+                    raise DataLoadError(f"{loading.error}; the {epoch_step} steps done in epoch {epoch + 1} were "
+                                        f"saved to {ckpt_path} (replace the file and rerun to resume)")
                 if rank == 0:
                     why = f"signal {stop['signal']}" if stop["signal"] is not None else f"--max_steps {args.max_steps}"
                     print(f"stopped at step {step} ({why}); checkpoint saved to {ckpt_path}")
@@ -414,8 +429,12 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                     why = f"signal {stop['signal']}" if stop["signal"] is not None else f"--max_steps {args.max_steps}"
                     print(f"stopped at step {step} ({why}); checkpoint saved to {ckpt_path}")
                 return {"interrupted": True, "step": step, **summary}
+    except BaseException:
+        kill_loader_workers(batches)  # an error: the training loader's workers (which ignore SIGTERM) go at once
+        raise
     finally:
         step_log.close()
+        close_loader(batches)  # the workers shut down before the process group goes
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
@@ -611,13 +630,15 @@ def _save_visualisations(args, teacher, device, out_dir: Path) -> list[Path]:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """The ``cmd-fgvc pretrain`` command: run `main`, return the process exit status.
+    """The ``cmd-fgvc pretrain`` command: run `main`, return the process exit status (`cmd.cli.exit_status`).
 
-    2 for a non-finite loss, 3 for a collapse under --stop_on_collapse (after saving), 1 for a failed
-    save (a full disk: ENOSPC) or an unreadable checkpoint.
+    0 for a finished run, 75 for one interrupted by a signal or --max_steps (checkpoint saved,
+    resumable), 2 for a non-finite loss, 3 for a collapse under --stop_on_collapse (after saving),
+    1 for an unreadable image (after saving the epoch's steps), a failed write (a full disk: ENOSPC)
+    or an unreadable checkpoint.
     """
     return run_command(main, argv, ((NonFiniteLossError, 2), (CollapseStop, COLLAPSE_EXIT_STATUS), (OSError, 1),
-                                    (CheckpointError, 1)))
+                                    (CheckpointError, 1), (DataLoadError, 1)), status=pretrain_status)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,19 @@
   (and on resume), so it holds exactly one row per checkpointed, completed epoch.
 - `FiniteGuard`: a device-side flag of "this step's loss and gradients are finite"; a non-finite step
   is skipped by the fused optimiser on the device and reported at the ``--log_every`` cadence.
-- `resume_plan`: what changed between the checkpoint's run and this one; refuses what cannot continue.
+- `resume_plan`: what changed between the checkpoint's run and this one; refuses what cannot continue
+  (`RESUME_POLICY`: one table classifying every option; the training set's identity from
+  `cmd.cli.data_identity`).
 - `append_args_history`: ``args.json`` is a list of runs (one entry per start or resume).
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import math
 import os
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,10 +26,14 @@ from typing import Any
 
 import torch
 
+from cmd.cli.data_identity import describe_change
+from cmd.cli.teardown import ignore_termination_signals
+
 __all__ = [
     "EpochStats",
     "FiniteGuard",
     "NonFiniteLossError",
+    "RESUME_POLICY",
     "ResumePlan",
     "append_args_history",
     "check_model_options",
@@ -35,6 +41,7 @@ __all__ = [
     "ignore_termination_signals",
     "resume_plan",
     "round_floats",
+    "write_json_atomic",
     "write_jsonl_atomic",
 ]
 
@@ -43,24 +50,28 @@ class NonFiniteLossError(RuntimeError):
     """A training step gave a non-finite loss or gradient; training stopped without saving."""
 
 
-def ignore_termination_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM / SIGINT.
-
-    ``timeout``, SLURM and container runtimes signal the whole process group: the main process then
-    saves a checkpoint and exits (its workers shut down with it) instead of dying with its workers.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 # ----------------------------------------------------------------------------------------- logs
 
 
 def _replace_text(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically (temporary file + ``os.replace``)."""
+    """Replace ``path`` by ``text`` atomically (temporary file + ``os.replace``).
+
+    A failed write (a full disk: ``ENOSPC``) raises an OSError naming ``path``, after removing the
+    temporary file; ``path`` keeps its previous contents.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        code = err.errno or errno.EIO
+        name = errno.errorcode.get(code, str(code))
+        raise OSError(code, f"{err.strerror or err} ({name}) while writing {path}; its previous contents are "
+                            "kept") from err
 
 
 def round_floats(value: Any, digits: int = 6) -> Any:
@@ -105,9 +116,7 @@ def append_args_history(path: Path, args: Mapping[str, Any], *, resumed_at: Mapp
         "resumed_at": dict(resumed_at) if resumed_at else None,
         "args": dict(args),
     })
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(runs, indent=2, default=str))
-    os.replace(tmp, path)
+    _replace_text(path, json.dumps(runs, indent=2, default=str) + "\n")
 
 
 def format_epoch_line(record: Mapping[str, Any], epochs: int, out_dim: int | None = None) -> str:
@@ -200,8 +209,9 @@ class FiniteGuard:
     `raise_if_bad` (one host read) raises `NonFiniteLossError` naming the first bad step and the terms.
     """
 
-    def __init__(self, names: Sequence[str], device: torch.device) -> None:
+    def __init__(self, names: Sequence[str], device: torch.device, checkpoint: Path | None = None) -> None:
         self.names = list(names)
+        self.checkpoint = checkpoint  # the run's checkpoint file: the message says whether one was kept
         self.bad_terms = torch.zeros(len(self.names), dtype=torch.bool, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
 
@@ -222,24 +232,49 @@ class FiniteGuard:
         bad = [n for n, b in zip(self.names, self.bad_terms.tolist()) if b and n != "loss"]
         what = f"term(s) {', '.join(bad)} are NaN/inf" if bad else (
             "the loss is NaN/inf" if bool(self.bad_terms[0]) else "the gradients are NaN/inf")
+        if self.checkpoint is not None and not Path(self.checkpoint).exists():
+            kept = "no checkpoint was written (none had been saved before this step)"
+        else:
+            kept = "the last good checkpoint" + (f" ({self.checkpoint})" if self.checkpoint else "") + " was kept"
         raise NonFiniteLossError(
             f"non-finite loss at step {first}: {what}; the step was skipped (teacher and centers untouched), "
-            "training stopped and the last good checkpoint was kept (lower the lr, check the inputs, or try --amp off)"
+            f"training stopped and {kept} (lower the lr, check the inputs, or try --amp off)"
         )
 
 
 # -------------------------------------------------------------------------------------- resume
 
-# options whose change alters the networks' parameters (the checkpoint cannot load)
-MODEL_KEYS = ("arch", "backbone_kwargs", "out_dim", "head_hidden_dim", "head_bottleneck_dim", "norm_last_layer",
-              "mil_pooling", "image_input", "share_prototypes", "head_bn", "loss")
-# options that decide which samples an epoch holds, in which order, and how many steps it has
-ORDER_KEYS = ("batch_size_per_gpu", "world_size", "seed", "dataset", "data_path", "synthetic_classes",
-              "synthetic_per_class", "synthetic_image_size")
-# options the schedules are computed from (recomputed on resume from the current values)
-SCHEDULE_KEYS = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "momentum_teacher",
-                 "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "batch_size_per_gpu",
-                 "world_size")
+# What a resume does when an option differs from the checkpoint's run: one table for every option.
+#   "model": refused (the networks' parameters differ: the checkpoint cannot load);
+#   "epoch": refused when the checkpoint stopped mid-epoch (the option decides which samples, in which
+#            order, or which crops the rest of that epoch holds: it would not be the epoch the stopped run
+#            had left); at an epoch boundary the run goes on with a note;
+#   "note":  allowed, with the "resuming with changed options" note (schedules are recomputed from the
+#            current options; a loss or optimisation option applies from the resumed step on);
+#   "free":  allowed silently (no effect on what is trained: paths, logging, monitoring, workers; --init
+#            is replaced by the checkpoint's weights on a resume).
+# An option missing from the table is treated as "note". The training set itself (its size and file
+# list, `cmd.cli.data_identity`) is checked as an "epoch" option.
+RESUME_POLICY: dict[str, str] = {
+    **dict.fromkeys(("arch", "backbone_kwargs", "out_dim", "head_hidden_dim", "head_bottleneck_dim",
+                     "norm_last_layer", "mil_pooling", "image_input", "share_prototypes", "head_bn", "loss"),
+                    "model"),
+    **dict.fromkeys(("batch_size_per_gpu", "world_size", "seed", "dataset", "data_path", "synthetic_classes",
+                     "synthetic_per_class", "synthetic_image_size", "synthetic_difficulty", "synthetic_class_hue",
+                     "synthetic_clutter", "global_size", "local_size", "local_crops_number", "global_crops_scale",
+                     "local_crops_scale"), "epoch"),
+    **dict.fromkeys(("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
+                     "momentum_teacher", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs",
+                     "student_temp", "centering", "center_momentum", "koleo_weight", "image_weight",
+                     "region_weight", "inter_weight", "swapped_weight", "cross_weight", "fused_region_chunk",
+                     "clip_grad", "freeze_last_layer", "amp", "compile", "drop_path"), "note"),
+    **dict.fromkeys(("config", "output_dir", "device", "num_workers", "no_progress", "log_every", "logger",
+                     "max_steps", "knn_every", "knn_k", "no_knn", "eval_size", "saveckp_freq", "stop_on_collapse",
+                     "supervised_reference", "viz", "init", "init_key", "init_partial",
+                     "recipe", "print_config"), "free"),  # a --recipe's values are the options it sets, checked one by one
+}
+MODEL_KEYS = tuple(k for k, v in RESUME_POLICY.items() if v == "model")
+ORDER_KEYS = tuple(k for k, v in RESUME_POLICY.items() if v == "epoch")
 
 
 def check_model_options(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
@@ -264,14 +299,17 @@ def _flag(key: str, value: Any) -> str:
     return f"--{key} {json.dumps(value) if isinstance(value, (dict, list)) else value}"
 
 
-def resume_plan(meta: Mapping[str, Any], current: Mapping[str, Any], iters_per_epoch: int, path: Path) -> ResumePlan:
+def resume_plan(meta: Mapping[str, Any], current: Mapping[str, Any], iters_per_epoch: int, path: Path,
+                data: Mapping[str, Any] | None = None) -> ResumePlan:
     """Compare the checkpoint's run (``meta``: its ``args``, ``epoch``, ``step``, ...) with this one.
 
-    Raises SystemExit (naming each change) when the model changed, when a mid-epoch checkpoint
-    would continue with another batch size, world size, seed or dataset (the rest of that epoch
-    would not be the samples the stopped run had left), or when ``--epochs`` is below the
-    checkpoint's epoch. Returns the position and notes on the options that changed (schedules are
-    recomputed from the current options).
+    Follows `RESUME_POLICY`: raises SystemExit (naming each change) when a "model" option changed,
+    or when a mid-epoch checkpoint would continue with another "epoch" option (batch size, world
+    size, seed, dataset, crops), on another training set (``data``, from
+    `cmd.cli.data_identity.data_identity`, against the checkpoint's ``data_identity``) or with
+    another number of steps per epoch; also when ``--epochs`` is below the checkpoint's epoch.
+    Returns the position and a note naming every other option that changed ("epoch" ones at an
+    epoch boundary, "note" ones, and a changed training set at a boundary).
     """
     saved = dict(meta.get("args") or {})
     saved.setdefault("world_size", meta.get("world_size", 1))
@@ -279,17 +317,23 @@ def resume_plan(meta: Mapping[str, Any], current: Mapping[str, Any], iters_per_e
     saved_ipe = int(meta.get("iters_per_epoch") or iters_per_epoch)  # older checkpoints: as this run's
     epoch_step = int(meta["epoch_step"]) if "epoch_step" in meta else step - epoch * saved_ipe
 
-    def changed(keys: Sequence[str]) -> list[str]:
-        return [f"{_flag(k, saved[k])} -> {_flag(k, current.get(k))}" for k in keys
-                if k in saved and saved[k] != current.get(k)]
+    def changed(kinds: Sequence[str]) -> list[str]:
+        keys = [k for k in dict.fromkeys((*saved, *current)) if RESUME_POLICY.get(k, "note") in kinds]
+        return [f"{_flag(k, saved.get(k))} -> {_flag(k, current.get(k))}" for k in keys
+                if k in saved and k in current and saved[k] != current[k]]
 
     check_model_options(saved, current, path)
-    order = changed(ORDER_KEYS)
+    order = changed(("epoch",))
+    data_change = describe_change(meta.get("data_identity"), data) if data is not None else None
+    if data_change:
+        order.append(data_change)
+    if epoch_step and saved_ipe != iters_per_epoch and not order:
+        order.append(f"{iters_per_epoch} steps per epoch (the checkpoint: {saved_ipe})")
     if epoch_step and order:
         raise SystemExit(
             f"{path} stopped in the middle of epoch {epoch + 1} (step {epoch_step} of {saved_ipe}) and these "
             f"options changed: {'; '.join(order)}. The rest of that epoch depends on them: resume with the "
-            "checkpoint's values (then change them at the next start, from an epoch boundary)"
+            "checkpoint's values and data (then change them at the next start, from an epoch boundary)"
         )
     epochs = int(current["epochs"])
     if epochs < epoch or (epochs == epoch and epoch_step):
@@ -297,10 +341,11 @@ def resume_plan(meta: Mapping[str, Any], current: Mapping[str, Any], iters_per_e
             f"{path} is at epoch {epoch + (1 if epoch_step else 0)} but --epochs is {epochs}: nothing to do. "
             f"Pass --epochs > {epoch} to train further, or choose another --output_dir"
         )
-    notes = [c for c in changed(tuple(dict.fromkeys((*ORDER_KEYS, *SCHEDULE_KEYS)))) if c]
+    notes = [*order, *changed(("note",))]
     if notes:
         notes = [f"resuming with changed options: {'; '.join(notes)} (the lr, weight-decay, teacher-momentum and "
-                 "teacher-temperature schedules are recomputed from the current options)"]
+                 "teacher-temperature schedules are recomputed from the current options; loss and data options "
+                 "apply from here on)"]
     if not epoch_step:
         step = epoch * iters_per_epoch  # an epoch boundary: the position in the current schedule
     return ResumePlan(epoch, epoch_step, step, notes, finished=epochs == epoch)
