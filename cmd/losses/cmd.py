@@ -37,6 +37,7 @@ from cmd.losses.functional import (  # fmt: skip
     koleo,
     match_regions,
     normalise_weights,
+    soft_cross_entropy,
     target_index,
 )
 from cmd.losses.fused import fused_prototype_cross_entropy
@@ -230,11 +231,12 @@ class CMDLoss(nn.Module):
 
         with torch.autocast(device_type=dev.type, enabled=False):  # float32 throughout
             # image level: P_g [G * B, K]; log p_v [V * B, K]; aggregated targets T_v = sum_{g != v} P_g
-            log_p = torch.log_softmax(torch.cat(list(map(attrgetter("image"), student))).float() / tau_s, dim=-1)
             probs, log_probs = self._teacher_probs(teacher.image, self.center, tau_t)
             image_index = target_index(torch.zeros(v, b, 1, g, dtype=torch.long, device=dev), 0, b, 1)
             image_target = aggregate_targets(probs, *image_index)
-            terms["image"] = -(image_target * log_p).sum() / (b * n_pairs)
+            logits = torch.cat(list(map(attrgetter("image"), student)))
+            ce, log_p = soft_cross_entropy(logits, image_target, _mass(image_index), tau_s, log_probs=bags)
+            terms["image"] = ce / (b * n_pairs)
             loss = self.image_weight * terms["image"]
             with torch.no_grad():
                 terms["teacher_entropy"] = -(probs * log_probs).sum(-1).mean()
@@ -247,10 +249,9 @@ class CMDLoss(nn.Module):
             region_probs = beta = None
             if teacher.region is not None and (self.region_weight > 0 or self.cross_weight > 0):
                 n_t = teacher.region.shape[1]
-                region_probs, region_log_probs = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t)
-                with torch.no_grad():
-                    terms["teacher_region_entropy"] = -(region_probs * region_log_probs).sum(-1).mean()
-                    del region_log_probs
+                region_probs, _ = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t, False)
+                with torch.no_grad():  # H(Q) = -sum Q log Q, without the log-softmax (one [R, K] pass instead of four)
+                    terms["teacher_region_entropy"] = torch.special.entr(region_probs).sum() / region_probs.shape[0]
                     if teacher.mil_weights is not None:
                         w_t = normalise_weights(teacher.mil_weights).unsqueeze(1)
                         beta = torch.bmm(w_t, region_probs.view(g * b, n_t, k)).squeeze(1)
@@ -273,13 +274,15 @@ class CMDLoss(nn.Module):
                         weights=w, image_log_probs=lp, chunk_rows=self.fused_chunk_size,
                     )  # fmt: skip
                     region_sum, kl_sum = region_sum + ce / (b * n_s) + bad, kl_sum + kl
-                elif self.region_weight > 0 or bags:
-                    log_q = torch.log_softmax(o.region.float() / tau_s, dim=-1)
-                    if self.region_weight > 0:
-                        target = aggregate_targets(region_probs, *index).view_as(log_q)
-                        region_sum = region_sum + -(target * log_q).sum() / (b * n_s) + bad
+                elif self.region_weight > 0:
+                    target = aggregate_targets(region_probs, *index)  # [rows * N_s, K]
+                    ce, log_q = soft_cross_entropy(o.region.reshape(-1, k), target, _mass(index), tau_s, log_probs=bags)
+                    region_sum = region_sum + ce / (b * n_s) + bad
+                    del target
                     if bags:
-                        log_bags.append(bag_log_prob(log_q, w))
+                        log_bags.append(bag_log_prob(log_q.view(rows, n_s, k), w))
+                elif bags:
+                    log_bags.append(bag_log_prob(torch.log_softmax(o.region.float() / tau_s, dim=-1), w))
                 first += rows
             if self.region_weight > 0:
                 terms["region"] = region_sum / n_pairs
@@ -307,12 +310,14 @@ class CMDLoss(nn.Module):
             terms[name] = terms[name].detach()
         return CMDLossOutput(loss=loss, terms=terms)
 
-    def _teacher_probs(self, logits: torch.Tensor, center: Center, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher ``(P, log P)`` [R, K] float32 by centering or Sinkhorn-Knopp (log P finite: >= log tiny)."""
+    def _teacher_probs(  # fmt: skip
+        self, logits: torch.Tensor, center: Center, tau: float, log_probs: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher ``(P, log P or None)`` [R, K] float32 by centering or Sinkhorn-Knopp (log P finite: >= log tiny)."""
         if self.centering == "sinkhorn":
             probs = sinkhorn_knopp(logits, tau, self.sinkhorn_iterations)
-            return probs, probs.clamp_min(_TINY).log()
-        return center.softmax(logits, tau)
+            return probs, probs.clamp_min(_TINY).log() if log_probs else None
+        return center.softmax(logits, tau, log_probs=log_probs)
 
     def accumulate_centers(self, teacher: Teacher) -> None:
         """Add the teacher's image (and region) logits to the running sums (no sync); a tensor is image logits."""
@@ -390,6 +395,11 @@ class CMDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"out_dim={self.out_dim}, crops={self.n_global_crops}+{self.n_local_crops}, centering={self.centering}, "
                 f"terms={self.active_terms}, fused_chunk_size={self.fused_chunk_size}")
+
+
+def _mass(index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Each row's target mass [R, 1] (the number of teacher crops g != v) from `target_index`'s ``(index, valid)``."""
+    return index[1].sum(dim=-1, keepdim=True)
 
 
 def _check_shape(name: str, tensor: object, expected: Sequence[int | None], meaning: str) -> torch.Size:
