@@ -1,21 +1,25 @@
-"""Benchmark: `CMDLoss` (presets "esvit" and "cmd", plain and fused) against two baselines, forward + backward.
+"""Benchmark: `CMDLoss` (presets "esvit" and "cmd") against a per-pair loop, forward + backward, at K = 4096 and 65536.
 
-Four contenders compute the same loss from the same inputs; the student's region logits come from its
-prototype layer, ``region = region_embedding @ prototypes^T``, inside every timed call:
+Contenders compute the same loss from the same inputs (``--contenders``; the loop always runs):
 
 - ``loop``: the obvious implementation (EsViT's per-pair loop, plus a per-crop loop for the CMD
   inter-level term): for every pair (g, v != g) a log-softmax of the student's image and region
-  logits, a gather of the matched teacher regions and a cross-entropy;
-- ``aggregated``: the same in plain autograd with the targets of each student crop summed over the
-  teachers g != v first (one log-softmax and one cross-entropy per crop), written here independently:
-  what the aggregation alone buys over the loop;
-- ``CMDLoss``: the library's plain path (aggregated targets, plain autograd);
-- ``fused``: ``CMDLoss(fused_chunk_size=...)``, the prototype layer fused with the log-softmax and the
-  cross-entropy in chunks (`cmd.losses.fused`): what the fused kernel buys over ``CMDLoss``.
+  logits, a gather of the matched teacher regions and a cross-entropy; the reference of every ratio;
+- ``CMDLoss``: the library's plain path (aggregated targets, `cmd.losses.functional.soft_cross_entropy`);
+- ``aggregated`` (opt-in): the same in plain autograd with the targets of each student crop summed over
+  the teachers g != v first, written here independently: what the aggregation alone buys;
+- ``fused`` (opt-in): ``CMDLoss(fused_chunk_size=8)``, the prototype layer fused with the log-softmax
+  and the cross-entropy in chunks (`cmd.losses.fused`).
 
-Runs alternate between the contenders: for one preset after the other, every round runs all four back
-to back, in a rotating order. Reported per contender: the median wall time and the peak memory, and
-``x loop``, the ratio of the median wall times to the loop's.
+``--prototypes inside``: the student's region logits come from its prototype layer, ``region =
+region_embedding @ prototypes^T`` (bottleneck 256), inside every timed call (forward and backward of
+the product, common to all contenders); ``outside``: the region logits are given (leaf tensors) and
+the loss alone is timed. Both by default, so that a regression of the loss shows in the second.
+
+Rounds alternate the contenders (a rotating order), one preset after the other. Reported per
+contender: the median wall time, ``x loop`` (ratio of the medians), the median and the range of the
+per-round ratios to the loop (the same round: side by side under the machine's load of the moment),
+and the peak memory.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the inputs. On the CPU, a
 ``TorchDispatchMode`` sees every tensor that an operator (forward, backward, and inside custom autograd
@@ -25,13 +29,14 @@ allocator's own overhead. It runs in a separate, untimed pass.
 
 Usage::
 
-    python benchmarks/bench_losses.py                     # CPU setting (+ the GPU setting with CUDA)
-    python benchmarks/bench_losses.py --repeats 11 --threads 1 --out benchmarks/results/losses.json
+    python benchmarks/bench_losses.py --threads 2                  # K = 4096 and 65536, protos inside + outside
+    python benchmarks/bench_losses.py --out-dims 4096 --contenders loop aggregated CMDLoss fused --threads 1
+    python benchmarks/bench_losses.py --device cuda --gpu-dtype bfloat16   # + the GPU setting (K = 65536, B = 64)
 
-CPU setting: K=4096, B=8, Swin-T token counts 49 / 9, 2 + 8 crops, bottleneck 256. GPU: K=65536, B=64.
-Logits are ``logit_scale * N(0, 1)``; at 1.0 a temperature-0.04 teacher softmax underflows to sub-normal
-numbers for about a quarter of K, which costs the CPU much time in every op that touches them (CMDLoss
-flushes them to 0 once); at 0.3 (cosine-like logits of a weight-normalised head) there are none.
+CPU setting: B = 8, Swin-T token counts 49 / 9, 2 + 8 crops, bottleneck 256. Logits are
+``logit_scale * N(0, 1)`` (``--logit-scales``, default 0.3: cosine-like logits of a weight-normalised
+head); at 1.0 a temperature-0.04 teacher softmax underflows to sub-normal numbers for about a quarter
+of K, which costs the CPU much time in every op that touches them (CMDLoss flushes them to 0 once).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ For teacher crop g and student crop v != g (``G (V - 1)`` pairs):
 ``L = mean_pairs[lambda_I I + lambda_R R + lambda_X X] + lambda_S mean_v S (+ lambda_K KoLeo)``, every H
 and KL averaged over the batch. The cross-entropy is linear in its target, so the targets of the
 teacher crops ``g != v`` are summed first (`target_index`): one log-softmax and one cross-entropy
-per student crop or region, the teacher's softmax once. Examples: `CMDLoss`, ``docs/blocks/losses.md``.
+per student crop or region (`soft_cross_entropy`, its backward written out), the teacher's softmax
+once. Examples: `CMDLoss`, ``docs/blocks/losses.md``.
 """
 
 from __future__ import annotations
@@ -233,9 +234,8 @@ class CMDLoss(nn.Module):
             # image level: P_g [G * B, K]; log p_v [V * B, K]; aggregated targets T_v = sum_{g != v} P_g
             probs, log_probs = self._teacher_probs(teacher.image, self.center, tau_t)
             image_index = target_index(torch.zeros(v, b, 1, g, dtype=torch.long, device=dev), 0, b, 1)
-            image_target = aggregate_targets(probs, *image_index)
             logits = torch.cat(list(map(attrgetter("image"), student)))
-            ce, log_p = soft_cross_entropy(logits, image_target, _mass(image_index), tau_s, log_probs=bags)
+            ce, log_p = soft_cross_entropy(logits, probs, *image_index, tau_s, log_probs=bags)
             terms["image"] = ce / (b * n_pairs)
             loss = self.image_weight * terms["image"]
             with torch.no_grad():
@@ -275,10 +275,8 @@ class CMDLoss(nn.Module):
                     )  # fmt: skip
                     region_sum, kl_sum = region_sum + ce / (b * n_s) + bad, kl_sum + kl
                 elif self.region_weight > 0:
-                    target = aggregate_targets(region_probs, *index)  # [rows * N_s, K]
-                    ce, log_q = soft_cross_entropy(o.region.reshape(-1, k), target, _mass(index), tau_s, log_probs=bags)
+                    ce, log_q = soft_cross_entropy(o.region.reshape(-1, k), region_probs, *index, tau_s, log_probs=bags)
                     region_sum = region_sum + ce / (b * n_s) + bad
-                    del target
                     if bags:
                         log_bags.append(bag_log_prob(log_q.view(rows, n_s, k), w))
                 elif bags:
@@ -296,6 +294,7 @@ class CMDLoss(nn.Module):
                 loss = loss + self.inter_weight * terms["inter_student"]
             if self.cross_weight > 0:
                 bag_target = aggregate_targets(beta, *image_index)  # sum_{g != v} beta_g
+                image_target = aggregate_targets(probs, *image_index)  # sum_{g != v} P_g
                 h = -(image_target * log_b).sum() - (bag_target * log_p).sum()
                 terms["cross"] = 0.5 * h / (b * n_pairs)
                 loss = loss + self.cross_weight * terms["cross"]
@@ -395,11 +394,6 @@ class CMDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"out_dim={self.out_dim}, crops={self.n_global_crops}+{self.n_local_crops}, centering={self.centering}, "
                 f"terms={self.active_terms}, fused_chunk_size={self.fused_chunk_size}")
-
-
-def _mass(index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Each row's target mass [R, 1] (the number of teacher crops g != v) from `target_index`'s ``(index, valid)``."""
-    return index[1].sum(dim=-1, keepdim=True)
 
 
 def _check_shape(name: str, tensor: object, expected: Sequence[int | None], meaning: str) -> torch.Size:
