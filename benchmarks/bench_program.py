@@ -134,7 +134,7 @@ def bare_loop(argv: list[str], epochs: int) -> list[list[float]]:
             precision.step(optimizer)
             ema.update(student)
             step += 1
-            float(out.loss)  # the step is done (a no-op wait on the CPU, a sync on a GPU)
+            float(out.loss.detach())  # the step is done (a no-op wait on the CPU, a sync on a GPU)
             now = time.perf_counter()
             times[-1].append(now - last)
             last = now

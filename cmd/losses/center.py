@@ -51,19 +51,15 @@ class Center(nn.Module):
         self.register_buffer("pending", torch.zeros(out_dim + 1), persistent=False)
 
     @torch.no_grad()
-    def softmax(
-        self, logits: torch.Tensor, temperature: float, *, log_probs: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def softmax(self, logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, log P)`` with ``P = softmax((logits - c) / tau)`` [..., K], float32, no gradient (any input dtype).
 
         Values of P below float32's smallest normal number (1.2e-38) are set to 0: a mass below float32's
         resolution of any sum, and sub-normal numbers slow every later CPU operation tens of times.
-        ``log_probs=False``: ``(P, None)``, one [..., K] pass less.
         """
         scaled = torch.add(self.value * (-1.0 / temperature), logits.detach().float(), alpha=1.0 / temperature)
         # two kernels rather than exp(log P): an exp with sub-normal results is very slow on CPUs
-        probs = F.threshold_(torch.softmax(scaled, dim=-1), _TINY, 0.0)
-        return probs, torch.log_softmax(scaled, dim=-1) if log_probs else None
+        return F.threshold_(torch.softmax(scaled, dim=-1), _TINY, 0.0), torch.log_softmax(scaled, dim=-1)
 
     @torch.no_grad()
     def accumulate(self, logits: torch.Tensor) -> None:

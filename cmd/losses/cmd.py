@@ -249,9 +249,11 @@ class CMDLoss(nn.Module):
             region_probs = beta = None
             if teacher.region is not None and (self.region_weight > 0 or self.cross_weight > 0):
                 n_t = teacher.region.shape[1]
-                region_probs, _ = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t, False)
-                with torch.no_grad():  # H(Q) = -sum Q log Q, without the log-softmax (one [R, K] pass instead of four)
-                    terms["teacher_region_entropy"] = torch.special.entr(region_probs).sum() / region_probs.shape[0]
+                region_probs, region_log_probs = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t)
+                with torch.no_grad():  # mean H(Q) as one dot product: no [R, K] product
+                    entropy = torch.dot(region_probs.reshape(-1), region_log_probs.reshape(-1))
+                    terms["teacher_region_entropy"] = -entropy / region_probs.shape[0]
+                    del region_log_probs
                     if teacher.mil_weights is not None:
                         w_t = normalise_weights(teacher.mil_weights).unsqueeze(1)
                         beta = torch.bmm(w_t, region_probs.view(g * b, n_t, k)).squeeze(1)
@@ -309,14 +311,12 @@ class CMDLoss(nn.Module):
             terms[name] = terms[name].detach()
         return CMDLossOutput(loss=loss, terms=terms)
 
-    def _teacher_probs(  # fmt: skip
-        self, logits: torch.Tensor, center: Center, tau: float, log_probs: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Teacher ``(P, log P or None)`` [R, K] float32 by centering or Sinkhorn-Knopp (log P finite: >= log tiny)."""
+    def _teacher_probs(self, logits: torch.Tensor, center: Center, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher ``(P, log P)`` [R, K] float32 by centering or Sinkhorn-Knopp (log P finite: >= log tiny)."""
         if self.centering == "sinkhorn":
             probs = sinkhorn_knopp(logits, tau, self.sinkhorn_iterations)
-            return probs, probs.clamp_min(_TINY).log() if log_probs else None
-        return center.softmax(logits, tau, log_probs=log_probs)
+            return probs, probs.clamp_min(_TINY).log()
+        return center.softmax(logits, tau)
 
     def accumulate_centers(self, teacher: Teacher) -> None:
         """Add the teacher's image (and region) logits to the running sums (no sync); a tensor is image logits."""
