@@ -56,7 +56,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "program.json"
 SETTINGS: dict[str, list[str]] = {
     "demo": [],  # the demo recipe: the defaults of cmd-fgvc pretrain
     "mid": ["--arch", "vit_small", "--global_size", "96", "--local_size", "48", "--synthetic_image_size", "96",
-            "--batch_size_per_gpu", "16", "--synthetic_per_class", "8"],
+            "--batch_size_per_gpu", "8", "--synthetic_per_class", "4"],
 }
 QUICK: dict[str, list[str]] = {
     "demo": ["--synthetic_per_class", "4", "--batch_size_per_gpu", "8"],
