@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["soft_cross_entropy", "target_index", "aggregate_targets", "match_regions", "normalise_weights", "bag_log_prob", "kl_rows", "koleo"]
 
@@ -40,6 +41,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
         return ce, (log_q if keep_log_probs else None)
 
     @staticmethod
+    @once_differentiable  # a second derivative raises instead of being silently wrong
     def backward(ctx, grad_ce, grad_log_q):  # noqa: D102
         log_q, target, mass = ctx.saved_tensors
         if grad_ce is None and grad_log_q is None:
