@@ -33,8 +33,8 @@ class _SoftCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, probs, index, valid, temperature, keep_log_probs):  # noqa: D102
         ctx.set_materialize_grads(False)
+        log_q = torch.log_softmax(logits.to(torch.float32) / temperature, dim=-1)  # its input freed first
         target = F.embedding_bag(index, probs, mode="sum", per_sample_weights=valid)  # [R, K]
-        log_q = torch.log_softmax(logits.to(torch.float32) / temperature, dim=-1)
         ce = -torch.dot(target.reshape(-1), log_q.reshape(-1))
         ctx.temperature, ctx.dtype, ctx.keep = temperature, logits.dtype, keep_log_probs
         ctx.save_for_backward(log_q, target, valid.sum(dim=-1, keepdim=True))
