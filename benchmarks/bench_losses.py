@@ -1,21 +1,25 @@
-"""Benchmark: `CMDLoss` (presets "esvit" and "cmd", plain and fused) against two baselines, forward + backward.
+"""Benchmark: `CMDLoss` (presets "esvit" and "cmd") against a per-pair loop, forward + backward, at K = 4096 and 65536.
 
-Four contenders compute the same loss from the same inputs; the student's region logits come from its
-prototype layer, ``region = region_embedding @ prototypes^T``, inside every timed call:
+Contenders compute the same loss from the same inputs (``--contenders``; the loop always runs):
 
 - ``loop``: the obvious implementation (EsViT's per-pair loop, plus a per-crop loop for the CMD
   inter-level term): for every pair (g, v != g) a log-softmax of the student's image and region
-  logits, a gather of the matched teacher regions and a cross-entropy;
-- ``aggregated``: the same in plain autograd with the targets of each student crop summed over the
-  teachers g != v first (one log-softmax and one cross-entropy per crop), written here independently:
-  what the aggregation alone buys over the loop;
-- ``CMDLoss``: the library's plain path (aggregated targets, plain autograd);
-- ``fused``: ``CMDLoss(fused_chunk_size=...)``, the prototype layer fused with the log-softmax and the
-  cross-entropy in chunks (`cmd.losses.fused`): what the fused kernel buys over ``CMDLoss``.
+  logits, a gather of the matched teacher regions and a cross-entropy; the reference of every ratio;
+- ``CMDLoss``: the library's plain path (aggregated targets, `cmd.losses.functional.soft_cross_entropy`);
+- ``aggregated`` (opt-in): the same in plain autograd with the targets of each student crop summed over
+  the teachers g != v first, written here independently: what the aggregation alone buys;
+- ``fused`` (opt-in): ``CMDLoss(fused_chunk_size=8)``, the prototype layer fused with the log-softmax
+  and the cross-entropy in chunks (`cmd.losses.fused`).
 
-Runs alternate between the contenders: for one preset after the other, every round runs all four back
-to back, in a rotating order. Reported per contender: the median wall time and the peak memory, and
-``x loop``, the ratio of the median wall times to the loop's.
+``--prototypes inside``: the student's region logits come from its prototype layer, ``region =
+region_embedding @ prototypes^T`` (bottleneck 256), inside every timed call (forward and backward of
+the product, common to all contenders); ``outside``: the region logits are given (leaf tensors) and
+the loss alone is timed. Both by default, so that a regression of the loss shows in the second.
+
+Rounds alternate the contenders (a rotating order), one preset after the other. Reported per
+contender: the median wall time, ``x loop`` (ratio of the medians), the median and the range of the
+per-round ratios to the loop (the same round: side by side under the machine's load of the moment),
+and the peak memory.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the inputs. On the CPU, a
 ``TorchDispatchMode`` sees every tensor that an operator (forward, backward, and inside custom autograd
@@ -25,13 +29,14 @@ allocator's own overhead. It runs in a separate, untimed pass.
 
 Usage::
 
-    python benchmarks/bench_losses.py                     # CPU setting (+ the GPU setting with CUDA)
-    python benchmarks/bench_losses.py --repeats 11 --threads 1 --out benchmarks/results/losses.json
+    python benchmarks/bench_losses.py --threads 2                  # K = 4096 and 65536, protos inside + outside
+    python benchmarks/bench_losses.py --out-dims 4096 --contenders loop aggregated CMDLoss fused --threads 1
+    python benchmarks/bench_losses.py --device cuda --gpu-dtype bfloat16   # + the GPU setting (K = 65536, B = 64)
 
-CPU setting: K=4096, B=8, Swin-T token counts 49 / 9, 2 + 8 crops, bottleneck 256. GPU: K=65536, B=64.
-Logits are ``logit_scale * N(0, 1)``; at 1.0 a temperature-0.04 teacher softmax underflows to sub-normal
-numbers for about a quarter of K, which costs the CPU much time in every op that touches them (CMDLoss
-flushes them to 0 once); at 0.3 (cosine-like logits of a weight-normalised head) there are none.
+CPU setting: B = 8, Swin-T token counts 49 / 9, 2 + 8 crops, bottleneck 256. Logits are
+``logit_scale * N(0, 1)`` (``--logit-scales``, default 0.3: cosine-like logits of a weight-normalised
+head); at 1.0 a temperature-0.04 teacher softmax underflows to sub-normal numbers for about a quarter
+of K, which costs the CPU much time in every op that touches them (CMDLoss flushes them to 0 once).
 """
 
 from __future__ import annotations
@@ -224,36 +229,50 @@ def _zero_grads(student):
 NAMES = ("loop", "aggregated", "CMDLoss", "fused")
 
 
-def run_setting(name_, *, batch, out_dim, tokens, dim, scale, device, dtype, repeats, warmup):
+def _zero_all(student, plain):
+    _zero_grads(student)
+    for o in plain:
+        o.region.grad = None
+
+
+def run_setting(name_, *, batch, out_dim, tokens, dim, scale, device, dtype, repeats, warmup, presets=PRESETS,
+                names=NAMES, prototypes_inside=True):
+    """Times of ``names`` for each preset; ``prototypes_inside``: the prototype layer inside the timed call."""
     n_global, n_local = 2, 8
     student, teacher = make_inputs(batch, out_dim, tokens, n_global, n_local, dim, scale, device, dtype)
+    # without the prototype layer: the region logits are given (leaf tensors), the loss alone is timed
+    plain = [CrossLevelOutput(o.image, (o.region_embedding @ o.prototypes.t()).detach().requires_grad_(), o.tokens,
+                              o.mil_weights) for o in student]
+    names = tuple(n for n in names if prototypes_inside or n != "fused")  # fused holds the prototype layer
+    inputs = (lambda: with_region_logits(student)) if prototypes_inside else (lambda: plain)
     tau_t = 0.04
     contenders = {}
-    for preset in PRESETS:
+    for preset in presets:
         weights = {k: v for k, v in CMDLoss.PRESETS[preset].items() if k != "swapped_weight"}
         loop = PerPairLoopLoss(out_dim, n_global, n_global + n_local, device=device, **weights)
         agg = AggregatedAutogradLoss(out_dim, n_global, n_global + n_local, device=device, **weights)
         ours = CMDLoss.from_preset(preset, out_dim=out_dim, n_local_crops=n_local).to(device)
         fused = CMDLoss.from_preset(preset, out_dim=out_dim, n_local_crops=n_local, fused_chunk_size=8).to(device)
-        contenders[("loop", preset)] = lambda f=loop: f(with_region_logits(student), teacher, tau_t)
-        contenders[("aggregated", preset)] = lambda f=agg: f(with_region_logits(student), teacher, tau_t)
-        contenders[("CMDLoss", preset)] = lambda f=ours: f(with_region_logits(student), teacher, teacher_temp=tau_t).loss
+        contenders[("loop", preset)] = lambda f=loop: f(inputs(), teacher, tau_t)
+        contenders[("aggregated", preset)] = lambda f=agg: f(inputs(), teacher, tau_t)
+        contenders[("CMDLoss", preset)] = lambda f=ours: f(inputs(), teacher, teacher_temp=tau_t).loss
         contenders[("fused", preset)] = lambda f=fused: f(student, teacher, teacher_temp=tau_t).loss
+    contenders = {k: f for k, f in contenders.items() if k[0] in names}
 
     # same values (centers move identically in all)
-    for preset in PRESETS:
-        values = {name: float(contenders[(name, preset)]().detach()) for name in NAMES}
+    for preset in presets:
+        values = {name: float(contenders[(name, preset)]().detach()) for name in names}
         if max(values.values()) - min(values.values()) > 1e-3 * abs(values["loop"]) + 1e-4:
             raise RuntimeError(f"{preset}: the contenders disagree: {values}")
 
     # Rounds: a preset's contenders run back to back in a rotating order, so that they share the
     # machine's load of the moment (the machine may be shared and noisy).
     times = {k: [] for k in contenders}
-    for preset in PRESETS:  # one preset after the other, as a training run calls one loss repeatedly
+    for preset in presets:  # one preset after the other, as a training run calls one loss repeatedly
         for r in range(warmup + repeats):
-            for i in range(len(NAMES)):
-                key = (NAMES[(i + r) % len(NAMES)], preset)
-                _zero_grads(student)
+            for i in range(len(names)):
+                key = (names[(i + r) % len(names)], preset)
+                _zero_all(student, plain)
                 _sync(device)
                 t0 = time.perf_counter()
                 contenders[key]().backward()
@@ -263,7 +282,7 @@ def run_setting(name_, *, batch, out_dim, tokens, dim, scale, device, dtype, rep
 
     peaks = {}
     for key, fn in contenders.items():
-        _zero_grads(student)
+        _zero_all(student, plain)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -275,39 +294,52 @@ def run_setting(name_, *, batch, out_dim, tokens, dim, scale, device, dtype, rep
             with PeakTensorMemory() as tracker:
                 fn().backward()
             peaks[key] = tracker.peak
-    _zero_grads(student)
+    _zero_all(student, plain)
 
     rows = []
-    for preset in PRESETS:
-        loop_ms = 1e3 * statistics.median(times[("loop", preset)])
-        for name in NAMES:
-            ms = 1e3 * statistics.median(times[(name, preset)])
-            rows.append(dict(setting=name_, preset=preset, contender=name, ms=ms, time_vs_loop=ms / loop_ms,
+    for preset in presets:
+        loop_runs = times[("loop", preset)]
+        loop_ms = 1e3 * statistics.median(loop_runs)
+        for name in names:
+            runs = times[(name, preset)]
+            ms = 1e3 * statistics.median(runs)
+            pairs = sorted(t / lt for t, lt in zip(runs, loop_runs))  # the same round: side by side
+            rows.append(dict(setting=name_, preset=preset, contender=name, prototypes_inside=prototypes_inside,
+                             ms=ms, time_vs_loop=ms / loop_ms, pair_ratio_median=statistics.median(pairs),
+                             pair_ratio_min=pairs[0], pair_ratio_max=pairs[-1],
                              peak_mib=peaks[(name, preset)] / 2**20,
                              memory_vs_loop=peaks[(name, preset)] / peaks[("loop", preset)],
-                             runs_ms=[1e3 * t for t in times[(name, preset)]]))
+                             runs_ms=[1e3 * t for t in runs], pair_ratios=pairs))
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: the CPU setting, and the GPU setting too when CUDA is available")
-    parser.add_argument("--repeats", type=int, default=11, help="timed runs per contender (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
+                        help="auto: the CPU settings, and the GPU setting too when CUDA is available")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds per contender (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--logit-scales", type=float, nargs="+", default=[0.3, 1.0])
+    parser.add_argument("--out-dims", type=int, nargs="+", default=[4096, 65536], help="K of the CPU settings")
+    parser.add_argument("--logit-scales", type=float, nargs="+", default=[0.3])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--contenders", nargs="+", default=["loop", "CMDLoss"], choices=NAMES,
+                        help="the loop always runs (the reference of every ratio)")
+    parser.add_argument("--prototypes", nargs="+", default=["inside", "outside"], choices=["inside", "outside"],
+                        help="the prototype layer inside the timed call, or the region logits given")
     parser.add_argument("--gpu-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    names = tuple(n for n in NAMES if n == "loop" or n in args.contenders)
 
     settings = []
     if args.device in ("auto", "cpu"):
-        for scale in args.logit_scales:
-            settings.append((f"cpu K=4096 B=8 s={scale}", dict(batch=8, out_dim=4096, tokens=(49, 9), dim=768,
-                             scale=scale, device=torch.device("cpu"), dtype=torch.float32)))
+        for k in args.out_dims:
+            for scale in args.logit_scales:
+                settings.append((f"cpu K={k} B=8 s={scale}", dict(batch=8, out_dim=k, tokens=(49, 9), dim=768,
+                                 scale=scale, device=torch.device("cpu"), dtype=torch.float32)))
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         dtype = getattr(torch, args.gpu_dtype)
         for scale in args.logit_scales:
@@ -317,18 +349,25 @@ def main(argv=None) -> int:
 
     rows = []
     for name, kw in settings:
-        rows += run_setting(name, repeats=args.repeats, warmup=args.warmup, **kw)
+        for where in args.prototypes:
+            rows += run_setting(name, repeats=args.repeats, warmup=args.warmup, presets=args.presets, names=names,
+                                prototypes_inside=where == "inside", **kw)
 
-    header = f"{'setting':30} {'preset':6} {'contender':10} {'ms':>8} {'x loop':>6} {'peak MiB':>9} {'mem x loop':>10}"
+    header = (f"{'setting':26} {'protos':7} {'preset':6} {'contender':10} {'ms':>8} {'x loop':>6} {'pairs: median':>13} "
+              f"{'[min, max]':>12} {'peak MiB':>9} {'mem x loop':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['setting']:30} {r['preset']:6} {r['contender']:10} {r['ms']:8.1f} {r['time_vs_loop']:6.2f} "
+        where = "inside" if r["prototypes_inside"] else "outside"
+        print(f"{r['setting']:26} {where:7} {r['preset']:6} {r['contender']:10} {r['ms']:8.1f} {r['time_vs_loop']:6.2f} "
+              f"{r['pair_ratio_median']:13.2f} [{r['pair_ratio_min']:4.2f}, {r['pair_ratio_max']:4.2f}] "
               f"{r['peak_mib']:9.1f} {r['memory_vs_loop']:10.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), repeats=args.repeats,
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-    args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    tmp.replace(args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -37,8 +37,40 @@ def test_bench_train_step_smoke(tmp_path):
 def test_bench_losses_smoke(tmp_path):
     out = tmp_path / "losses.json"
     _run("bench_losses.py", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--threads", "1",
-         "--logit-scales", "0.3", "--out", str(out))
-    assert {r["preset"] for r in json.loads(out.read_text())["results"]} == {"esvit", "cmd"}
+         "--out-dims", "256", "--contenders", "loop", "aggregated", "CMDLoss", "fused", "--out", str(out))
+    rows = json.loads(out.read_text())["results"]
+    assert {r["preset"] for r in rows} == {"esvit", "cmd"}
+    # the ratio to the loop with and without the prototype layer in the timed call (fused: inside only)
+    assert {(r["contender"], r["prototypes_inside"]) for r in rows} == {
+        *((c, True) for c in ("loop", "aggregated", "CMDLoss", "fused")),
+        *((c, False) for c in ("loop", "aggregated", "CMDLoss"))}
+    assert all(r["pair_ratio_min"] <= r["pair_ratio_median"] <= r["pair_ratio_max"] for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_program_quick(tmp_path):
+    out = tmp_path / "program.json"
+    result = _run("bench_program.py", "--quick", "--threads", "1", "--out", str(out), timeout=600)
+    data = json.loads(out.read_text())
+    assert [r["setting"] for r in data["results"]] == ["demo", "mid"]
+    for r in data["results"]:
+        assert r["program"]["images_per_s"] > 0 and r["loop"]["images_per_s"] > 0
+        assert r["startup_s"] > 0 and r["knn_s_per_call"] > 0
+        assert len(r["program"]["images_per_s_per_step"]) == len(r["loop"]["images_per_s_per_step"]) == 2  # epochs
+    assert "loop/program" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_step_dry_run(tmp_path):
+    """The GPU script's CPU dry run: step (eager + compiled), fused peak memory and k-NN code paths."""
+    out = tmp_path / "gpu_step.json"
+    _run("gpu_step.py", "--dry_run", "--out", str(out), timeout=600)
+    data = json.loads(out.read_text())
+    assert data["meta"]["dry_run"] is True
+    assert [r["contender"] for r in data["step"]["rows"]] == ["backbone", "cmd", "backbone compiled", "cmd compiled"]
+    assert [r["contender"] for r in data["fused"]["rows"]] == ["cmd", "cmd-fused chunk=1"]
+    assert all(r["peak_mib"] > 0 for r in data["fused"]["rows"])
+    assert {r["backend"] for r in data["knn"]["rows"]} == {"torch", "faiss"}
 
 
 @pytest.mark.slow
