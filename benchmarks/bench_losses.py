@@ -5,7 +5,7 @@ Contenders compute the same loss from the same inputs (``--contenders``; the loo
 - ``loop``: the obvious implementation (EsViT's per-pair loop, plus a per-crop loop for the CMD
   inter-level term): for every pair (g, v != g) a log-softmax of the student's image and region
   logits, a gather of the matched teacher regions and a cross-entropy; the reference of every ratio;
-- ``CMDLoss``: the library's plain path (aggregated targets, `cmd.losses.functional.soft_cross_entropy`);
+- ``CMDLoss``: the library's plain path (aggregated targets in plain autograd);
 - ``aggregated`` (opt-in): the same in plain autograd with the targets of each student crop summed over
   the teachers g != v first, written here independently: what the aggregation alone buys;
 - ``fused`` (opt-in): ``CMDLoss(fused_chunk_size=8)``, the prototype layer fused with the log-softmax

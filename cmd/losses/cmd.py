@@ -17,8 +17,7 @@ For teacher crop g and student crop v != g (``G (V - 1)`` pairs):
 ``L = mean_pairs[lambda_I I + lambda_R R + lambda_X X] + lambda_S mean_v S (+ lambda_K KoLeo)``, every H
 and KL averaged over the batch. The cross-entropy is linear in its target, so the targets of the
 teacher crops ``g != v`` are summed first (`target_index`): one log-softmax and one cross-entropy
-per student crop or region (`soft_cross_entropy`, its backward written out), the teacher's softmax
-once. Examples: `CMDLoss`, ``docs/blocks/losses.md``.
+per student crop or region, the teacher's softmax once. Examples: `CMDLoss`, ``docs/blocks/losses.md``.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ from cmd.losses.functional import (  # fmt: skip
     koleo,
     match_regions,
     normalise_weights,
-    soft_cross_entropy,
     target_index,
 )
 from cmd.losses.fused import fused_prototype_cross_entropy
@@ -303,11 +301,11 @@ class CMDLoss(nn.Module):
 
         with torch.autocast(device_type=dev.type, enabled=False):  # float32 throughout
             # image level: P_g [G * B, K]; log p_v [V * B, K]; aggregated targets T_v = sum_{g != v} P_g
+            log_p = torch.log_softmax(torch.cat(list(map(attrgetter("image"), student))).float() / tau_s, dim=-1)
             probs, log_probs = self._teacher_probs(teacher.image, self.center, tau_t)
             image_index = target_index(torch.zeros(v, b, 1, g, dtype=torch.long, device=dev), 0, b, 1)
-            logits = torch.cat(list(map(attrgetter("image"), student)))
-            ce, log_p = soft_cross_entropy(logits, probs, *image_index, tau_s, log_probs=bags)
-            terms["image"] = ce / (b * n_pairs)
+            image_target = aggregate_targets(probs, *image_index)
+            terms["image"] = -(image_target * log_p).sum() / (b * n_pairs)
             loss = self.image_weight * terms["image"]
             with torch.no_grad():
                 terms["teacher_entropy"] = -(probs * log_probs).sum(-1).mean()
@@ -321,9 +319,8 @@ class CMDLoss(nn.Module):
             if teacher.region is not None and (self.region_weight > 0 or self.swapped_weight > 0):
                 n_t = teacher.region.shape[1]
                 region_probs, region_log_probs = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t)
-                with torch.no_grad():  # mean H(Q) as one dot product: no [R, K] product
-                    entropy = torch.dot(region_probs.reshape(-1), region_log_probs.reshape(-1))
-                    terms["teacher_region_entropy"] = -entropy / region_probs.shape[0]
+                with torch.no_grad():
+                    terms["teacher_region_entropy"] = -(region_probs * region_log_probs).sum(-1).mean()
                     del region_log_probs
                     if teacher.mil_weights is not None:
                         w_t = normalise_weights(teacher.mil_weights).unsqueeze(1)
@@ -347,13 +344,13 @@ class CMDLoss(nn.Module):
                         weights=w, image_log_probs=lp, chunk_rows=self.fused_chunk_size,
                     )  # fmt: skip
                     region_sum, kl_sum = region_sum + ce / (b * n_s) + bad, kl_sum + kl
-                elif self.region_weight > 0:
-                    ce, log_q = soft_cross_entropy(o.region.reshape(-1, k), region_probs, *index, tau_s, log_probs=bags)
-                    region_sum = region_sum + ce / (b * n_s) + bad
+                elif self.region_weight > 0 or bags:
+                    log_q = torch.log_softmax(o.region.float() / tau_s, dim=-1)
+                    if self.region_weight > 0:
+                        target = aggregate_targets(region_probs, *index).view_as(log_q)
+                        region_sum = region_sum + -(target * log_q).sum() / (b * n_s) + bad
                     if bags:
-                        log_bags.append(bag_log_prob(log_q.view(rows, n_s, k), w))
-                elif bags:
-                    log_bags.append(bag_log_prob(torch.log_softmax(o.region.float() / tau_s, dim=-1), w))
+                        log_bags.append(bag_log_prob(log_q, w))
                 first += rows
             if self.region_weight > 0:
                 terms["region"] = region_sum / n_pairs
@@ -367,7 +364,6 @@ class CMDLoss(nn.Module):
                 loss = loss + self.inter_weight * terms["inter_level"]
             if self.swapped_weight > 0:
                 bag_target = aggregate_targets(beta, *image_index)  # sum_{g != v} beta_g
-                image_target = aggregate_targets(probs, *image_index)  # sum_{g != v} P_g
                 h = -(image_target * log_b).sum() - (bag_target * log_p).sum()
                 terms["swapped"] = 0.5 * h / (b * n_pairs)
                 loss = loss + self.swapped_weight * terms["swapped"]

@@ -1,7 +1,5 @@
-"""Stateless float32 blocks of the distillation losses (plain autograd, but for `soft_cross_entropy`).
+"""Stateless float32 blocks of the distillation losses, in plain autograd.
 
-- `soft_cross_entropy`: ``-sum_rk T_rk log_softmax(x_r / tau)_k`` against the aggregated targets, with
-  its backward written out (``(m q - T) / tau``, formed in place): no [R, K] autograd intermediates.
 - `target_index`: the one representation of the aggregated targets ``T_r = sum_{g != v} P_{index[r, g]}``
   as ``(index [R, G], valid [R, G])``, used by the image level, the region level and the fused path;
   `aggregate_targets` sums the rows it names in one ``embedding_bag`` call.
@@ -20,75 +18,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-__all__ = ["soft_cross_entropy", "target_index", "aggregate_targets", "match_regions", "normalise_weights", "bag_log_prob", "kl_rows", "koleo"]
+__all__ = ["target_index", "aggregate_targets", "match_regions", "normalise_weights", "bag_log_prob", "kl_rows", "koleo"]
 
 _TINY = torch.finfo(torch.float32).tiny
-
-
-class _SoftCrossEntropy(torch.autograd.Function):
-    """``(ce, log q or None)``; backward ``[G_L - q rowsum(G_L) + g (m q - T)] / tau``, formed in place."""
-
-    @staticmethod
-    def forward(ctx, logits, probs, index, valid, temperature, keep_log_probs):  # noqa: D102
-        ctx.set_materialize_grads(False)
-        log_q = torch.log_softmax(logits.to(torch.float32) / temperature, dim=-1)  # its input freed first
-        target = F.embedding_bag(index, probs, mode="sum", per_sample_weights=valid)  # [R, K]
-        ce = -torch.dot(target.reshape(-1), log_q.reshape(-1))
-        ctx.temperature, ctx.dtype, ctx.keep = temperature, logits.dtype, keep_log_probs
-        ctx.save_for_backward(log_q, target, valid.sum(dim=-1, keepdim=True))
-        return ce, (log_q if keep_log_probs else None)
-
-    @staticmethod
-    @once_differentiable  # a second derivative raises instead of being silently wrong
-    def backward(ctx, grad_ce, grad_log_q):  # noqa: D102
-        log_q, target, mass = ctx.saved_tensors
-        if grad_ce is None and grad_log_q is None:
-            return None, None, None, None, None, None
-        inv_tau = 1.0 / ctx.temperature
-        # q = exp(log q); an internal log q (not returned) is consumed in place
-        grad = torch.exp(log_q) if ctx.keep else log_q.exp_()
-        g = grad_ce if grad_ce is not None else torch.zeros((), device=grad.device)
-        coef = mass * (g * inv_tau)  # [R, 1]: g m / tau
-        if grad_log_q is not None:
-            coef = coef - grad_log_q.sum(dim=-1, keepdim=True) * inv_tau
-        grad.mul_(coef)
-        if grad_log_q is not None:
-            grad.add_(grad_log_q, alpha=inv_tau)
-        grad.addcmul_(target, g, value=-inv_tau)
-        return grad.to(ctx.dtype), None, None, None, None, None
-
-
-def soft_cross_entropy(
-    logits: torch.Tensor,
-    probs: torch.Tensor,
-    index: torch.Tensor,
-    valid: torch.Tensor,
-    temperature: float,
-    *,
-    log_probs: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``ce = -sum_rk T_rk log_softmax(x_r / tau)_k`` with the aggregated targets ``T_r = sum_g valid P[index]``.
-
-    ``logits`` [R, K] any floating dtype (differentiable; the gradient comes back in its dtype);
-    ``probs`` [M, K] float32 teacher probabilities and ``(index, valid)`` [R, G] from `target_index`
-    (no gradient). Returns ``(ce, log q)``: ``ce`` a 0-dim float32 sum; ``log q`` [R, K] float32,
-    a differentiable output, only with ``log_probs=True`` (for the bags), else None.
-
-    Autograd keeps two [R, K] tensors (``log q`` and the target) and makes none in backward: the
-    gradient ``dce/dx = (m q - T) / tau`` (m = ``valid`` summed over g, the row's target mass) is
-    formed in place in the buffer of ``log q`` (which is therefore not overwritten when returned).
-
-    Example:
-        >>> x, p = torch.randn(3, 5, requires_grad=True), torch.softmax(torch.randn(4, 5), -1)
-        >>> index, valid = torch.tensor([[0, 1], [2, 3], [1, 1]]), torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
-        >>> ce, _ = soft_cross_entropy(x, p, index, valid, 0.1)
-        >>> target = (valid.unsqueeze(-1) * p[index]).sum(1)
-        >>> bool(torch.allclose(ce, -(target * torch.log_softmax(x / 0.1, -1)).sum()))
-        True
-    """
-    return _SoftCrossEntropy.apply(logits, probs.detach(), index, valid.to(torch.float32), float(temperature), log_probs)
 
 
 def target_index(matches: torch.Tensor, first_crop: int, batch_size: int, teacher_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
