@@ -21,7 +21,7 @@ Examples::
     cmd-fgvc evaluate retrieval --pretrained_weights ... --dataset cub ...
 
 With no ``--pretrained_weights`` the randomly initialised backbone is evaluated (a baseline). The
-default dataset is the synthetic fine-grained one at 64 px, so ``cmd-fgvc evaluate knn``
+default dataset is the synthetic fine-grained one (the demo's, 32 px), so ``cmd-fgvc evaluate knn``
 runs anywhere in seconds. Results are printed as a table and written to ``output_dir/results.json``.
 """
 
