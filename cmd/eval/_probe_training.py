@@ -70,11 +70,16 @@ def train_cached(heads: list, rates: list[float], x: torch.Tensor, y: torch.Tens
         for start in range(0, x.shape[0], batch_size):
             rows = order[start : start + batch_size]
             _step(heads, optimizer, x[rows], y[rows], sync=False)
-        scheduler.step()
-        for head in heads:
-            head.eval()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, heads)
+        _end_epoch(epoch, heads, scheduler, on_epoch_end)
+
+
+def _end_epoch(epoch: int, heads: list, scheduler: Any, on_epoch_end: EpochHook | None) -> None:
+    """Step the lr schedule, put the heads in eval mode, call the epoch hook (both training loops)."""
+    scheduler.step()
+    for head in heads:
+        head.eval()
+    if on_epoch_end is not None:
+        on_epoch_end(epoch, heads)
 
 
 def train_streaming(backbone: Any, features_of: Callable, loader: DataLoader, rates: list[float], *,
@@ -117,9 +122,5 @@ def train_streaming(backbone: Any, features_of: Callable, loader: DataLoader, ra
             _step(heads, optimizer, feats, labels, sync)
         if not heads:
             raise ValueError("the training loader yielded no batch")
-        scheduler.step()
-        for head in heads:
-            head.eval()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, heads)
+        _end_epoch(epoch, heads, scheduler, on_epoch_end)
     return heads
