@@ -44,7 +44,16 @@ class Recipe:
     source: dict[str, str] = dataclasses.field(default_factory=dict)  # option -> official value, file:line
 
     def config(self, **overrides: Any) -> Config:
-        """The recipe's values as a `Config` (``overrides`` win), every value checked."""
+        """The recipe's values as a `Config` (``overrides`` win), every value checked.
+
+        Raises:
+            OptionError: an override that is not an option (with the closest one), or a bad value.
+        """
+        known = {f.name for f in dataclasses.fields(Config)}
+        for key in overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                raise OptionError(key, "not an option of a recipe" + (f" (did you mean {close[0]}?)" if close else ""))
         return Config(**{**self.values, **overrides})
 
 

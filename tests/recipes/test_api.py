@@ -47,6 +47,13 @@ def test_unknown_recipe_suggests_the_closest():
         recipes.get("papr")
 
 
+def test_an_override_that_is_not_an_option_is_refused_by_name():
+    with pytest.raises(OptionError, match=r"^epoch: not an option of a recipe \(did you mean epochs\?\)$"):
+        recipes.get("demo", epoch=3)
+    with pytest.raises(OptionError, match=r"^zzz: not an option of a recipe$"):
+        recipes.get("demo", zzz=1)
+
+
 def test_import_does_not_import_torch():
     code = "import cmd, cmd.recipes, sys; cmd.recipes.get('paper'); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
