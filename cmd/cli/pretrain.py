@@ -72,6 +72,7 @@ from cmd.cli.run_state import (
     write_jsonl_atomic,
 )
 from cmd.cli.teardown import close_loader, install_exit_hook, kill_loader_workers
+from cmd.diagnostics import EmbeddingReservoir
 from cmd.training import EpochIndexSampler, SeededMultiCrop  # noqa: F401  (importable from here)
 
 # --------------------------------------------------------------------------------------- options
@@ -140,6 +141,7 @@ def knn_top1(backbone: nn.Module, args, device, k: int) -> float:
 
 # ------------------------------------------------------------------------------------- training
 
+RANKME_ROWS = 2048  # rows of the teacher's image vectors sampled per epoch for log.jsonl's "rankme"
 # scalars summed over each epoch (log.jsonl) and logged per step (--logger); NaN ones are left out
 _EXTRA_TERMS = ("inter_level_teacher", "teacher_entropy", "teacher_batch_entropy", "teacher_region_entropy",
                 "teacher_student_kl")
@@ -318,6 +320,9 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
     guard = FiniteGuard(names[:guarded], device, checkpoint=ckpt_path)
     watch = CollapseWatch(criterion.out_dim, stop=args.stop_on_collapse, verbose=rank == 0,
                           reduce_mean=(lambda *v: _mean_over_processes(*v, device=device)) if dist.is_dist() else None)
+    # RankMe of the teacher's image vectors of the epoch's global crops (a uniform sample of them)
+    reservoir = EmbeddingReservoir(RANKME_ROWS, seed=args.seed)
+    teacher_outputs = criterion.teacher_outputs | {"pooled"}
     summary: dict = {}
     # one loader pass over every remaining epoch, split by epoch below: the workers prefetch the next
     # epoch's first batches while this one ends (the order and crops are those of one pass per epoch)
@@ -331,6 +336,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                 torch.cuda.reset_peak_memory_stats(device)
             stats = EpochStats(names, device)
             watch.new_epoch()
+            reservoir.reset(seed=args.seed * 1_000_003 + epoch)
             if epoch_step:
                 stats.load_state_dict(history.get("partial"))
             t_log, step_logged = time.perf_counter(), step
@@ -342,7 +348,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                 crops = [c.to(device, non_blocking=True) for c in crops]
                 with precision.autocast():
                     with torch.no_grad():
-                        teacher_out = teacher_fwd(crops[:2], outputs=criterion.teacher_outputs)
+                        teacher_out = teacher_fwd(crops[:2], outputs=teacher_outputs)
                     student_out = student_fwd(crops, outputs=criterion.student_outputs)
                     out = criterion(student_out, teacher_out, epoch)
                 optimizer.zero_grad(set_to_none=True)
@@ -351,6 +357,7 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                 norms = cmd.clip_gradients(student, args.clip_grad if args.clip_grad > 0 else float("inf"))
                 cmd.cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
                 values = stats.add({"loss": out.loss.detach(), **out.terms})
+                reservoir.add(teacher_out[0].pooled)
                 step += 1
                 # under fp16 overflowing gradients are expected (GradScaler skips those steps): loss and terms only
                 found_inf = guard.check_step(step, values[:guarded], None if precision.scaler.is_enabled() else norms)
@@ -402,6 +409,9 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                 return {"interrupted": True, "step": step, **summary}
             record = _epoch_record(args, stats, epoch, step, elapsed, world, device, lr_schedule, wd_schedule,
                                    ema, criterion, active)
+            rank_me = reservoir.rankme()  # a collective under torch.distributed: every process
+            if rank_me is not None:
+                record["rankme"] = rank_me
             if watch.epoch_kind:
                 record["collapse"] = watch.epoch_kind
             last = epoch + 1 == args.epochs
