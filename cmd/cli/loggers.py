@@ -227,13 +227,15 @@ class StepLoggers:
             logger.log(step, scalars)
 
     def log_epoch(self, step: int, record: Mapping[str, Any]) -> None:
-        """An epoch's row of log.jsonl: its k-NN top-1 where measured (the value before training at step 0)."""
+        """An epoch's row of log.jsonl: its k-NN top-1 where measured (the value before training at step 0)
+        and the RankMe of the teacher's image vectors (``eval/rankme``), at the epoch's last step."""
         if record.get("knn_top1_before") is not None:
             for logger in self.loggers:
                 logger.log_eval(0, {"knn_top1": float(record["knn_top1_before"])})
-        if record.get("knn_top1") is not None:
+        scalars = {k: float(record[k]) for k in ("knn_top1", "rankme") if record.get(k) is not None}
+        if scalars:
             for logger in self.loggers:
-                logger.log_eval(step, {"knn_top1": float(record["knn_top1"])})
+                logger.log_eval(step, scalars)
 
     def log_summary(self, hparams: Mapping[str, Any], metrics: Mapping[str, float | None]) -> None:
         """The run's options and its final metrics (None ones left out); keeps the loggers open for `log_images`."""

@@ -123,8 +123,8 @@ def format_epoch_line(record: Mapping[str, Any], epochs: int, out_dim: int | Non
     """A short summary of an epoch's row (the essentials, about 100 characters; log.jsonl has the rest).
 
     Epoch and step, the loss, the teacher's entropy against log K (``out_dim``; near log K: uniform
-    collapse, near 0: one-hot), the k-NN top-1 where measured, a collapse, the time and throughput
-    (at most about 115 characters).
+    collapse, near 0: one-hot), the k-NN top-1 where measured, the RankMe of the teacher's image
+    vectors, a collapse, the time and throughput (at most about 130 characters).
 
     Example:
         >>> format_epoch_line({"epoch": 2, "step": 62, "loss": 4.05361, "teacher_entropy": 2.2543,
@@ -139,6 +139,8 @@ def format_epoch_line(record: Mapping[str, Any], epochs: int, out_dim: int | Non
                      + (f" / log K {math.log(out_dim):.2f}" if out_dim else ""))
     if record.get("knn_top1") is not None:
         parts.append(f"k-NN {record['knn_top1']:.2f} %")
+    if record.get("rankme") is not None:
+        parts.append(f"RankMe {record['rankme']:.1f}")
     if record.get("collapse"):
         parts.append(f"collapse: {record['collapse']}")
     seconds, speed = record.get("epoch_time_s", 0), record.get("images_per_s", 0)
