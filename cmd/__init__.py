@@ -45,6 +45,9 @@ _LAZY_ATTRS: dict[str, str] = {
     "sinkhorn_knopp": "losses",
     "koleo": "losses",
     "diagnose_collapse": "losses",
+    # label-free diagnostics
+    "rankme": "diagnostics",
+    "EmbeddingReservoir": "diagnostics",
     # training essentials
     "EMATeacher": "teacher",
     "update_teacher": "teacher",
@@ -87,6 +90,7 @@ _SUBMODULES = (
     "heads",
     "network",
     "losses",
+    "diagnostics",
     "teacher",
     "schedules",
     "transforms",
@@ -135,6 +139,7 @@ if _TYPE_CHECKING:  # pragma: no cover - for static analysers only
     )
     from cmd.checkpoint import restore_checkpoint, save_checkpoint
     from cmd.data import CUB200, SyntheticFineGrained, build_dataset
+    from cmd.diagnostics import EmbeddingReservoir, rankme
     from cmd.eval import (
         KNNClassifier,
         LinearProbe,

@@ -135,12 +135,15 @@ class EmbeddingReservoir:
         return self._buffer[: min(self.seen, self.capacity)]
 
     def rankme(self) -> float | None:
-        """RankMe of the rows of every process (gathered under torch.distributed); None when no row was seen."""
+        """RankMe of the rows of every process (gathered under torch.distributed); None when no row was seen.
+
+        Under torch.distributed every process calls it, and every process has seen rows (or none has).
+        """
         from cmd import distributed as dist
 
+        if self._buffer is None:  # every process or none has seen rows (the program: the same steps on each)
+            return None
         rows = self.rows()
         if dist.is_dist() and dist.world_size() > 1:
-            if self._buffer is None:
-                raise RuntimeError("EmbeddingReservoir.rankme: a process saw no rows (the others would wait)")
             rows = dist.all_gather_cat(rows.contiguous())
         return rankme(rows) if rows.shape[0] else None

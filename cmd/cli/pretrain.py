@@ -357,7 +357,8 @@ def _train(args, rank, world, device, out_dir, progress, train_set, epoch_sample
                 norms = cmd.clip_gradients(student, args.clip_grad if args.clip_grad > 0 else float("inf"))
                 cmd.cancel_last_layer_gradients(student, epoch, args.freeze_last_layer)
                 values = stats.add({"loss": out.loss.detach(), **out.terms})
-                reservoir.add(teacher_out[0].pooled)
+                if teacher_out[0].pooled is not None:  # the image head's input vector [G * B, D]
+                    reservoir.add(teacher_out[0].pooled)
                 step += 1
                 # under fp16 overflowing gradients are expected (GradScaler skips those steps): loss and terms only
                 found_inf = guard.check_step(step, values[:guarded], None if precision.scaler.is_enabled() else norms)
