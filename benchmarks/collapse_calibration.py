@@ -97,7 +97,8 @@ def summarise(name: str, folder: Path) -> dict:
     log_k = math.log(out_dim)
     steps = _steps(folder / "steps.csv")
     before = next(r["knn_top1_before"] for r in rows if "knn_top1_before" in r)
-    last = rows[-1]
+    last = [r for r in rows if r.get("knn_top1") is not None][-1]  # a run stopped early: its last k-NN
+    rows = rows[: rows.index(last) + 1]
     rankmes = [r.get("rankme") for r in rows]
     return {
         "run": name.rstrip("!"), "built_to_collapse": name.endswith("!"), "folder": str(folder),

@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import cmd  # noqa: E402
+from cmd.losses.cmd import UNIFORM_TOLERANCE  # noqa: E402
 
 COMMON = ["--arch", "resnet18", "--synthetic_difficulty", "easy", "--synthetic_image_size", "32",
           "--global_size", "32", "--local_size", "16", "--local_crops_number", "4", "--out_dim", "128",
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> Path:
             ax.plot(steps["step"], steps["teacher_entropy"], label="H(P_t): per-sample")
             ax.plot(steps["step"], steps["teacher_batch_entropy"], label="H(mean P_t): batch-mean")
             ax.axhline(log_k, color="gray", linestyle="--", label="log K")
-            ax.axhline(0.9 * log_k, color="gray", linestyle=":", linewidth=0.8)
+            ax.axhline((1 - UNIFORM_TOLERANCE) * log_k, color="gray", linestyle=":", linewidth=0.8)
             ax.axhline(0.1 * log_k, color="gray", linestyle=":", linewidth=0.8)
             diagnosed = ", ".join(collapses) or "none"
             ax.set_title(f"{name}\n(diagnosed: {diagnosed})", fontsize=10)
