@@ -44,7 +44,7 @@ from cmd.losses.functional import (  # fmt: skip
     normalise_weights,
     target_index,
 )
-from cmd.losses.fused import fused_prototype_cross_entropy
+from cmd.losses.fused import fused_prototype_cross_entropy, region_cross_entropy
 from cmd.schedules import teacher_temperature_schedule
 
 __all__ = ["CMDLoss", "CMDLossOutput", "DEPRECATED_TERM_NAMES", "TERM_NAMES", "diagnose_collapse"]
@@ -183,8 +183,10 @@ class CMDLoss(nn.Module):
         validate: check every input for NaN / inf (the fused path's prototypes included) and the MIL
             weights for validity (synchronises with the device).
         fused_chunk_size: None, or the fused region path (`cmd.losses.fused`, lambda_R > 0, lambda_X = 0):
-            students give ``region_embedding`` + ``prototypes`` and the prototype layer, log-softmax,
-            cross-entropy and bags run over chunks of this many crop-images.
+            students give ``region_embedding`` + ``prototypes`` and the prototype layer runs inside the
+            chunked region terms, over chunks of this many crop-images (the [T, K] logits never exist).
+            Without it, with lambda_R > 0 and lambda_X = 0 (every preset), the region terms run chunked
+            on the given region logits (chunks sized for the device); with lambda_X > 0 in plain autograd.
         cross_weight: deprecated name of ``swapped_weight`` (DeprecationWarning); None: not given.
 
     Attributes ``student_outputs`` / ``teacher_outputs``: the `CrossLevelOutput` fields the loss reads
@@ -323,23 +325,28 @@ class CMDLoss(nn.Module):
                 terms["teacher_student_kl"] = (terms["image"].detach() - terms["teacher_entropy"]).clamp_min(0.0)
                 total = dist.all_reduce_sum(torch.cat([probs.sum(0), probs.new_full((1,), probs.shape[0])]))
                 mean = total[:-1] / total[-1]
-                terms["teacher_batch_entropy"] = -torch.special.xlogy(mean, mean).sum()
+                terms["teacher_batch_entropy"] = -_xlogx(mean).sum()
 
             # teacher regions: Q [G * B * N_t, K] and bags beta_g [G * B, K]
             region_probs = beta = None
             if teacher.region is not None and (self.region_weight > 0 or self.swapped_weight > 0):
                 n_t = teacher.region.shape[1]
-                region_probs, region_log_probs = self._teacher_probs(teacher.region.reshape(-1, k), self.region_center, tau_t)
+                region_logits = teacher.region.reshape(-1, k)
+                if self.centering == "sinkhorn":
+                    region_probs = sinkhorn_knopp(region_logits, tau_t, self.sinkhorn_iterations)
+                    region_entropy = -_xlogx(region_probs).sum(-1)
+                else:  # no [M, K] log-probabilities: only their entropy is needed
+                    region_probs, region_entropy = self.region_center.softmax_entropy(region_logits, tau_t)
                 with torch.no_grad():
-                    terms["teacher_region_entropy"] = -(region_probs * region_log_probs).sum(-1).mean()
-                    del region_log_probs
+                    terms["teacher_region_entropy"] = region_entropy.mean()
                     if teacher.mil_weights is not None:
                         w_t = normalise_weights(teacher.mil_weights).unsqueeze(1)
                         beta = torch.bmm(w_t, region_probs.view(g * b, n_t, k)).squeeze(1)
-                        kl_t = (torch.special.xlogy(beta, beta) - beta * log_probs).sum(-1)
+                        kl_t = (_xlogx(beta) - beta * log_probs).sum(-1)
                         terms["inter_level_teacher"] = kl_t.mean()
 
             # region level and student bags, one student group at a time
+            chunked = self.region_weight > 0 and self.swapped_weight == 0  # the swapped term needs the bags
             region_sum, kl_sum, log_bags, first = 0.0, 0.0, [], 0
             for o in student:
                 rows, n_s = o.image.shape[0], o.num_tokens
@@ -348,13 +355,16 @@ class CMDLoss(nn.Module):
                     matches, finite = match_regions(o.tokens, teacher.tokens, b)
                     index = target_index(matches, first // b, b, n_t)
                     bad = torch.where(finite, 0.0, float("nan"))  # non-finite tokens: a NaN term, not a silent one
-                if fused:
+                if chunked:  # one chunk of crop-images at a time, the gradient formed on the way (`cmd.losses.fused`)
                     lp = log_p[first : first + rows] if bags else None
-                    ce, kl = fused_prototype_cross_entropy(
-                        o.region_embedding, o.prototypes, region_probs, *index, tau_s,
-                        weights=w, image_log_probs=lp, chunk_rows=self.fused_chunk_size,
+                    source = (o.region_embedding, o.prototypes) if fused else (o.region,)
+                    chunk_rows = {"chunk_rows": self.fused_chunk_size} if fused else {}
+                    part = (fused_prototype_cross_entropy if fused else region_cross_entropy)(
+                        *source, region_probs, *index, tau_s, weights=w, image_log_probs=lp,
+                        ce_weight=self.region_weight / (b * n_s * n_pairs), kl_weight=self.inter_weight / (v * b), **chunk_rows,
                     )  # fmt: skip
-                    region_sum, kl_sum = region_sum + ce / (b * n_s) + bad, kl_sum + kl
+                    loss = loss + part.loss + bad
+                    region_sum, kl_sum = region_sum + part.cross_entropy / (b * n_s) + bad, kl_sum + part.kl
                 elif self.region_weight > 0 or bags:
                     log_q = torch.log_softmax(o.region.float() / tau_s, dim=-1)
                     if self.region_weight > 0:
@@ -365,14 +375,14 @@ class CMDLoss(nn.Module):
                 first += rows
             if self.region_weight > 0:
                 terms["region"] = region_sum / n_pairs
-                loss = loss + self.region_weight * terms["region"]
-            if bags and fused:
+            if bags and chunked:
                 terms["inter_level"] = kl_sum / (v * b)
             elif bags:
                 log_b = torch.cat(log_bags)  # [V * B, K]
                 terms["inter_level"] = kl_rows(log_b, log_p).mean()
-            if self.inter_weight > 0:
-                loss = loss + self.inter_weight * terms["inter_level"]
+            if not chunked:  # the chunked path added its weighted terms to the loss already
+                loss = loss + self.region_weight * terms["region"] if self.region_weight > 0 else loss
+                loss = loss + self.inter_weight * terms["inter_level"] if self.inter_weight > 0 else loss
             if self.swapped_weight > 0:
                 bag_target = aggregate_targets(beta, *image_index)  # sum_{g != v} beta_g
                 h = -(image_target * log_b).sum() - (bag_target * log_p).sum()
@@ -472,6 +482,11 @@ class CMDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"out_dim={self.out_dim}, crops={self.n_global_crops}+{self.n_local_crops}, centering={self.centering}, "
                 f"terms={self.active_terms}, fused_chunk_size={self.fused_chunk_size}")
+
+
+def _xlogx(x: torch.Tensor) -> torch.Tensor:
+    """``x log x`` with ``0 log 0 = 0`` for probabilities (vectorised; ``torch.special.xlogy`` is several times slower on CPUs)."""
+    return x * x.clamp_min(_TINY).log()
 
 
 def _check_shape(name: str, tensor: object, expected: Sequence[int | None], meaning: str) -> torch.Size:

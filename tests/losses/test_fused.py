@@ -1,4 +1,5 @@
-"""The fused region path (prototype layer + log-softmax + cross-entropy + bag, in chunks) against the plain one."""
+"""The chunked region terms (cross-entropy + bag, the gradient formed in the forward pass; logits given or the
+prototype layer fused) against a straightforward autograd reference."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from cmd.heads import CrossLevelHead
 from cmd.heads.output import CrossLevelOutput
 from cmd.losses import CMDLoss
 from cmd.losses.functional import target_index
-from cmd.losses.fused import fused_prototype_cross_entropy
+from cmd.losses.fused import fused_prototype_cross_entropy, region_cross_entropy
 
 
 def _plain_terms(z, protos, teacher_probs, index, valid, tau, weights, image_log_probs):
@@ -45,44 +46,77 @@ def _inputs(r=5, n=3, d=8, k=32, m=7, g=2, seed=0, zero_weight=False):
     return z, protos, teacher_probs, index, valid, weights, image_log_probs
 
 
+def _run(source, z, protos, tp, index, valid, tau, **kw):
+    """The chunked terms with the prototype layer fused ("fused") or of the given logits ("logits")."""
+    if source == "fused":
+        return fused_prototype_cross_entropy(z, protos, tp, index, valid, tau, **kw)
+    return region_cross_entropy(z @ protos.T, tp, index, valid, tau, **kw)
+
+
+@pytest.mark.parametrize("source", ["fused", "logits"])
 @pytest.mark.parametrize("chunk_rows", [1, 2, 5, 64])
 @pytest.mark.parametrize("zero_weight", [False, True])
-def test_fused_function_matches_plain_values_and_gradients(chunk_rows, zero_weight):
+def test_chunked_terms_match_plain_values_and_gradients(source, chunk_rows, zero_weight):
     z, protos, tp, index, valid, w, lp = _inputs(zero_weight=zero_weight)
-    ce, kl = fused_prototype_cross_entropy(z, protos, tp, index, valid, 0.1, weights=w, image_log_probs=lp,
-                                           chunk_rows=chunk_rows)
+    out = _run(source, z, protos, tp, index, valid, 0.1, weights=w, image_log_probs=lp, chunk_rows=chunk_rows,
+               ce_weight=0.7, kl_weight=1.3)
     ce_ref, kl_ref = _plain_terms(z, protos, tp, index, valid, 0.1, w, lp)
-    torch.testing.assert_close(ce, ce_ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-5)
-    inputs = (z, protos, w, lp)
-    grads = torch.autograd.grad(0.7 * ce + 1.3 * kl, inputs)
-    grads_ref = torch.autograd.grad(0.7 * ce_ref + 1.3 * kl_ref, inputs)
+    torch.testing.assert_close(out.cross_entropy, ce_ref.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.kl, kl_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, (0.7 * ce_ref + 1.3 * kl_ref).detach(), rtol=1e-5, atol=1e-4)
+    assert not out.cross_entropy.requires_grad and not out.kl.requires_grad
+    grads = torch.autograd.grad(3.0 * out.loss, (z, protos, w, lp))  # the incoming gradient scales the stored ones
+    inputs = [t.detach().double().requires_grad_() for t in (z, protos, w, lp)]  # the reference in float64
+    ce64, kl64 = _plain_terms(inputs[0], inputs[1], tp.double(), index, valid.double(), 0.1, inputs[2], inputs[3])
+    grads_ref = torch.autograd.grad(3.0 * (0.7 * ce64 + 1.3 * kl64), inputs)
     for name, a, b in zip(("embedding", "prototypes", "weights", "image_log_probs"), grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+        # float32 sums of large terms: an error relative to the gradient's scale (as float32 autograd's own)
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-6 * float(b.abs().max()), msg=f"gradient of {name}")
 
 
-def test_fused_function_without_bags_and_with_one_output_used():
+@pytest.mark.parametrize("source", ["fused", "logits"])
+def test_chunked_terms_without_bags(source):
     z, protos, tp, index, valid, *_ = _inputs(seed=1)
-    ce, kl = fused_prototype_cross_entropy(z, protos, tp, index, valid, 0.2, chunk_rows=2)
-    assert float(kl.detach()) == 0.0
+    out = _run(source, z, protos, tp, index, valid, 0.2, chunk_rows=2)
+    assert float(out.kl) == 0.0
     ce_ref = -(
         (valid.unsqueeze(-1) * tp[index]).sum(1) * torch.log_softmax(z.reshape(15, 8) @ protos.T / 0.2, -1)
     ).sum()
-    torch.testing.assert_close(ce, ce_ref, rtol=1e-5, atol=1e-4)
-    (gz,) = torch.autograd.grad(ce, z)
+    torch.testing.assert_close(out.cross_entropy, ce_ref.detach(), rtol=1e-5, atol=1e-4)
+    (gz,) = torch.autograd.grad(out.loss, z)
     (gz_ref,) = torch.autograd.grad(ce_ref, z)
     torch.testing.assert_close(gz, gz_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_fused_function_is_finite_for_large_logits_and_bf16_embeddings():
+def test_chunked_terms_hand_out_gradients_once_and_skip_them_without_grad():
+    z, protos, tp, index, valid, w, lp = _inputs(seed=3)
+    x = (z @ protos.T).detach().requires_grad_()
+    out = region_cross_entropy(x, tp, index, valid, 0.1, weights=w, image_log_probs=lp)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.loss.backward()
+    with torch.no_grad():
+        again = region_cross_entropy(x, tp, index, valid, 0.1, weights=w, image_log_probs=lp)
+    assert not again.loss.requires_grad
+    torch.testing.assert_close(again.loss, out.loss.detach())
+
+
+@pytest.mark.parametrize("source", ["fused", "logits"])
+def test_chunked_terms_are_finite_for_large_logits_and_bf16_inputs(source):
     z, protos, tp, index, valid, w, lp = _inputs(seed=2)
     big = (protos.detach() * 1e3).requires_grad_()  # logits of magnitude ~1e4 at tau 0.1
     z16 = z.detach().to(torch.bfloat16).requires_grad_()
-    ce, kl = fused_prototype_cross_entropy(z16, big, tp, index, valid, 0.1, weights=w, image_log_probs=lp, chunk_rows=2)
-    (ce + kl).backward()
-    assert torch.isfinite(ce) and torch.isfinite(kl)
-    assert z16.grad.dtype == torch.bfloat16 and torch.isfinite(z16.grad.float()).all()
-    assert torch.isfinite(big.grad).all() and torch.isfinite(w.grad).all()
+    if source == "fused":
+        out = fused_prototype_cross_entropy(z16, big, tp, index, valid, 0.1, weights=w, image_log_probs=lp, chunk_rows=2)
+        grads = torch.autograd.grad(out.loss, (z16, big, w))
+        assert grads[0].dtype == torch.bfloat16
+    else:
+        x16 = (z16 @ big.to(torch.bfloat16).T).detach().requires_grad_()
+        out = region_cross_entropy(x16, tp, index, valid, 0.1, weights=w, image_log_probs=lp, chunk_rows=2)
+        grads = torch.autograd.grad(out.loss, (x16, w))
+        assert grads[0].dtype == torch.bfloat16
+    assert torch.isfinite(out.cross_entropy) and torch.isfinite(out.kl) and torch.isfinite(out.loss)
+    assert all(torch.isfinite(g.float()).all() for g in grads)
 
 
 def test_target_index_drops_own_view_only():
@@ -98,8 +132,14 @@ def test_target_index_drops_own_view_only():
     assert int(i[2, 1, 0, 1]) == (1 * b + 1) * n_t + int(matches[2, 1, 0, 1])
 
 
-def test_fused_function_errors_name_the_argument():
+def test_chunked_terms_errors_name_the_argument():
     z, protos, tp, index, valid, w, lp = _inputs()
+    with pytest.raises(ValueError, match=r"logits must be \[R, N, K = 32\]"):
+        region_cross_entropy(z, tp, index, valid, 0.1)
+    with pytest.raises(ValueError, match=r"target_index and target_valid must be \[R \* N = 15, G\]"):
+        region_cross_entropy(z @ protos.T, tp, index[:-1], valid[:-1], 0.1)
+    with pytest.raises(ValueError, match=r"weights must be \[R, N\]"):
+        region_cross_entropy(z @ protos.T, tp, index, valid, 0.1, weights=w[:, :2], image_log_probs=lp)
     with pytest.raises(ValueError, match=r"prototypes \[K, d\]"):
         fused_prototype_cross_entropy(z, protos[:, :4], tp, index, valid, 0.1)
     with pytest.raises(ValueError, match="go together"):
