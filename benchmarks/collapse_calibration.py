@@ -12,7 +12,9 @@ runs. Prints a table, writes JSON and a PNG (each signal against the gain)::
     python benchmarks/collapse_calibration.py --runs seed0=/tmp/seeds/s0 seed1=/tmp/seeds/s1 ... \\
         --json benchmarks/results/collapse_calibration.json --out docs/assets/collapse_calibration.png
 
-A run name ending in ``!`` marks a run built to collapse (drawn in red; the warning must fire).
+A run name ending in ``!`` marks a run built to collapse (drawn in red; the warning must fire), one
+ending in ``~`` a run stopped before its last epoch (its gain is that of its last k-NN; it is left out
+of the second correlation, over the finished runs only).
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ def new_rule(out_dim: int):
     return lambda h, hb: cmd.diagnose_collapse(h, hb, out_dim)
 
 
+def spearman_table(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per signal: Spearman's rho with the gain and the number of runs that have the signal."""
+    table = {}
+    for name, (_, key) in SIGNALS.items():
+        pairs = [(r[key], r["gain"]) for r in runs if r[key] is not None]
+        rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        table[name] = {"rho": rho if math.isfinite(rho) else None, "n": len(pairs)}  # None: too few runs
+    return table
+
+
 def summarise(name: str, folder: Path) -> dict:
     rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
     history = json.loads((folder / "args.json").read_text())  # one entry per start of the run
@@ -101,7 +113,8 @@ def summarise(name: str, folder: Path) -> dict:
     rows = rows[: rows.index(last) + 1]
     rankmes = [r.get("rankme") for r in rows]
     return {
-        "run": name.rstrip("!"), "built_to_collapse": name.endswith("!"), "folder": str(folder),
+        "run": name.rstrip("!~"), "built_to_collapse": name.endswith("!"), "stopped_early": name.endswith("~"),
+        "folder": str(folder),
         "epochs": len(rows), "knn_before": before, "knn_after": last.get("knn_top1"),
         "gain": last["knn_top1"] - before, "best_gain": max(r.get("knn_top1", -1e9) for r in rows) - before,
         "entropy_ratio": last["teacher_entropy"] / log_k, "batch_entropy_ratio": last["teacher_batch_entropy"] / log_k,
@@ -134,7 +147,8 @@ def plot(runs: list[dict], correlations: dict, out: Path) -> None:
             ax.scatter(r[key], r["gain"], c=color, marker=marker, s=28)
         ax.axhline(5, color="grey", lw=0.6, ls=":")
         ax.set_xlabel(label)
-        ax.set_title(f"Spearman {correlations[name]:+.2f}", fontsize=9)
+        rho = correlations[name]["rho"]
+        ax.set_title(f"Spearman {'-' if rho is None else f'{rho:+.2f}'} (n = {correlations[name]['n']})", fontsize=9)
     axes[0][0].set_ylabel("k-NN gain (points)")
     fig.suptitle("Collapse signals against the k-NN gain (blue: ordinary runs, red: built to collapse, "
                  "x: warning fires)", fontsize=9)
@@ -158,21 +172,22 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--runs: expected NAME=DIR, got {spec!r}")
         runs.append(summarise(name, Path(folder)))
     ordinary = [r for r in runs if not r["built_to_collapse"]]
-    correlations = {}
-    for name, (_, key) in SIGNALS.items():
-        pairs = [(r[key], r["gain"]) for r in runs if r[key] is not None]
-        correlations[name] = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+    correlations = spearman_table(runs)
+    correlations_finished = spearman_table([r for r in runs if not r["stopped_early"]])
     print("| run | k-NN before -> after (gain) | H(P_t)/log K final (max step) | H(mean P_t)/log K | RankMe "
           "(final / epoch 1) | old rule | new rule |")
     print("|---|---|---|---|---|---|---|")
     for r in runs:
         rk = "-" if r["rankme"] is None else f"{r['rankme']:.1f} ({r['rankme_ratio']:.2f})"
-        print(f"| {r['run']}{' (built to collapse)' if r['built_to_collapse'] else ''} | {r['knn_before']:.1f} -> "
+        tag = " (built to collapse)" if r["built_to_collapse"] else f" (stopped, {r['epochs']} ep.)" if r["stopped_early"] else ""
+        print(f"| {r['run']}{tag} | {r['knn_before']:.1f} -> "
               f"{r['knn_after']:.1f} ({r['gain']:+.1f}) | {r['entropy_ratio']:.3f} ({r['max_step_entropy_ratio']:.3f}) | "
               f"{r['batch_entropy_ratio']:.3f} | {rk} | {r['flag_old_rule'] or '-'} | {r['flag_new_rule'] or '-'} |")
-    print("\nSpearman rank correlation with the k-NN gain (all runs):")
-    for name, value in correlations.items():
-        print(f"  {SIGNALS[name][0]:28} {value:+.3f}")
+    print("\nSpearman rank correlation with the k-NN gain: all runs | finished runs")
+    for name in SIGNALS:
+        a, f = correlations[name], correlations_finished[name]
+        shown = ["-" if c["rho"] is None else f"{c['rho']:+.3f}" for c in (a, f)]
+        print(f"  {SIGNALS[name][0]:28} {shown[0]} (n={a['n']}) | {shown[1]} (n={f['n']})")
     false_old = [r["run"] for r in ordinary if r["gain"] >= 5 and r["flag_old_rule"]]
     false_new = [r["run"] for r in ordinary if r["gain"] >= 5 and r["flag_new_rule"]]
     missed_new = [r["run"] for r in runs if r["built_to_collapse"] and not r["flag_new_rule"]]
@@ -180,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built to collapse but not flagged by the new rule: {missed_new or 'none'}")
     result = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
               "runs": runs, "spearman_with_gain": correlations,
+              "spearman_with_gain_finished_runs": correlations_finished,
               "false_flags_old_rule": false_old, "false_flags_new_rule": false_new, "missed_new_rule": missed_new}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     os.replace(tmp, args.json)
     if args.out is not None:
         plot(runs, correlations, args.out)
