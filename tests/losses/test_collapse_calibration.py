@@ -1,11 +1,13 @@
 """The collapse rule calibrated against outcomes (issue 23, item 4), pinned on synthetic signal traces.
 
 The traces follow the shape of logged runs (per-step teacher entropies, K = 128, log K = 4.85):
-runs that learned (+4.5 to +20.8 k-NN points on real images; the demo's seeds) see the teacher's
-per-sample entropy rise from ~1.7 to 4.3-4.55 (0.88-0.94 log K) while the batch-mean one stays near
-log K; runs built to collapse (a teacher temperature of 0.07 without head BatchNorm, a center
-momentum of 0.999) reach 0.99 log K and more (uniform) or a batch-mean entropy near 0 (one-hot).
-The former rule (uniform at 0.9 log K) fired on the learning traces: these tests fail on it.
+runs that learned (+4.5 to +20.8 k-NN points on real images; the demo's seeds; the cmd preset with
+Sinkhorn-Knopp, +13.3) see the teacher's per-sample entropy rise from ~1.7 to 4.3-4.55 (0.88-0.94
+log K) while the batch-mean one stays near log K; the demo's runs built to collapse reach 0.998 log K
+(a teacher temperature of 0.07 without head BatchNorm: 4.72 at step 40, 4.84 from epoch 3) or both
+entropies 0 (a center momentum of 0.999 without head BatchNorm: 0.14 / 0.17 at step 40). Measured
+in docs/blocks/losses.md, "Calibration". The former rule (uniform at 0.9 log K) fired on the
+learning traces: these tests fail on it.
 """
 
 from __future__ import annotations
