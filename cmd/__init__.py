@@ -78,6 +78,8 @@ _LAZY_ATTRS: dict[str, str] = {
     "LinearProbe": "eval",
     "train_linear_probe": "eval",
     "part_weight_mass": "eval",
+    "pointing_game": "eval",
+    "top_k_part_iou": "eval",
     "train_supervised": "eval",
     # a loop that trains as the program does (cmd.training.build_* read a config / recipe)
     "SeededMultiCrop": "training",
@@ -146,7 +148,9 @@ if _TYPE_CHECKING:  # pragma: no cover - for static analysers only
         extract_features,
         fine_grained_retrieval_split,
         part_weight_mass,
+        pointing_game,
         retrieval_metrics,
+        top_k_part_iou,
         train_linear_probe,
         train_supervised,
     )

@@ -18,7 +18,7 @@ from .features import extract_features, loader_batch_indices
 from .knn import KNNClassifier
 from .label_fraction import class_balanced_split, class_balanced_subset
 from .linear import LinearProbe, default_lr_sweep, probe_accuracy, train_linear_probe
-from .localisation import part_token_mask, part_weight_mass
+from .localisation import part_token_mask, part_weight_mass, pointing_game, top_k_part_iou
 from .retrieval import average_precision, fine_grained_retrieval_split, retrieval_metrics
 from .search import InnerProductSearch, choose_backend
 from .supervised import SupervisedResult, gap_closed, train_supervised
@@ -35,6 +35,8 @@ __all__ = [
     "default_lr_sweep",
     "part_weight_mass",
     "part_token_mask",
+    "pointing_game",
+    "top_k_part_iou",
     "retrieval_metrics",
     "fine_grained_retrieval_split",
     "average_precision",
