@@ -82,7 +82,9 @@ class PairedDifference:
     n: int
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "differences": list(self.differences)}
+        """The fields as a dict for strict JSON: NaN (one seed) becomes None."""
+        out = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        return {**out, "differences": list(self.differences)}
 
 
 def paired_difference(

@@ -73,3 +73,4 @@ def test_one_seed_and_bad_input():
     with pytest.raises(ValueError, match="level"):
         paired_difference([1.0, 2.0], [0.0, 0.0], level=1.5)
     assert paired_difference([1.0, 2.0], [0.0, 0.0]).as_dict()["differences"] == [1.0, 2.0]
+    assert d.as_dict()["ci_low"] is None  # strict JSON: no NaN
