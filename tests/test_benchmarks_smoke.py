@@ -91,26 +91,55 @@ def test_bench_backbone_multicrop_smoke(tmp_path):
 @pytest.mark.slow
 def test_compare_presets_smoke(tmp_path):
     out = tmp_path / "compare.json"
-    result = _run("compare_presets.py", "--smoke", "--seeds", "1", "--epochs", "1", "--work_dir", str(tmp_path / "runs"),
-                  "--out", str(out))
+    common = ["--smoke", "--epochs", "1", "--work_dir", str(tmp_path / "runs")]
+    result = _run("compare_presets.py", *common, "--seeds", "2", "--contenders", "dino", "cmd", "supervised",
+                  "--out", str(out), timeout=600)
     data = json.loads(out.read_text())
-    assert [e["contender"] for e in data["table"]] == ["dino", "esvit", "cmd", "cmd-mean"]
-    for entry in data["table"]:
-        for key in ("knn_before", "knn_after", "map100", "part_mass", "uniform_mass", "teacher_entropy",
+    assert [e["contender"] for e in data["table"]] == ["dino", "cmd", "supervised"] and data["seeds"] == [0, 1]
+    for entry in data["table"][:2]:
+        for key in ("knn_before", "knn_after", "gain", "map100", "part_mass", "uniform_mass", "teacher_entropy",
                     "teacher_batch_entropy", "train_time_s"):
-            assert entry[key] is not None and entry[f"{key}_std"] == 0.0, key
+            assert entry[key] is not None, key
         assert 0 < entry["uniform_mass"] < 1 and 0 <= entry["map100"] <= 100
-    assert "mAP@100" in result.stdout and "cmd-mean" in result.stdout
+    # pairing holds: per seed, every contender (the supervised reference too) saw the same data and weights
+    runs = data["runs"]
+    for seed in (0, 1):
+        mine = [r for r in runs if r["seed"] == seed]
+        assert len({(r["data_sha256"], r["init_sha256"], round(r["knn_before"], 4)) for r in mine}) == 1
+    assert runs[0]["data_sha256"] != runs[1]["data_sha256"]  # the seed draws the data
+    # the paired rows: per-seed differences of the rows, and their mean
+    pairs = {(p["a"], p["b"], p["metric"]): p for p in data["paired"]}
+    assert set(pairs) == {("cmd", "dino", "knn_after"), ("cmd", "dino", "gain"), ("dino", "random-init", "knn_after"),
+                          ("cmd", "random-init", "knn_after"), ("dino", "supervised", "knn_after"),
+                          ("dino", "supervised", "gain"), ("cmd", "supervised", "knn_after"),
+                          ("cmd", "supervised", "gain")}
+    by = {(r["contender"], r["seed"]): r for r in runs}
+    p = pairs[("cmd", "dino", "knn_after")]
+    assert p["differences"] == [by[("cmd", s)]["knn_after"] - by[("dino", s)]["knn_after"] for s in (0, 1)]
+    assert p["ci_low"] <= p["mean"] <= p["ci_high"]
+    assert pairs[("cmd", "random-init", "knn_after")]["differences"] == [by[("cmd", s)]["gain"] for s in (0, 1)]
+    assert "cmd - esvit" not in result.stdout and "cmd - dino | k-NN after" in result.stdout
     # a finished run is read back, not trained again (the same row, training time included) ...
     again = tmp_path / "again.json"
-    _run("compare_presets.py", "--smoke", "--seeds", "1", "--epochs", "1", "--work_dir", str(tmp_path / "runs"),
-         "--out", str(again), "--contenders", "cmd")
-    assert json.loads(again.read_text())["runs"] == [r for r in data["runs"] if r["contender"] == "cmd"]
-    # ... and a folder holding a run with other options is refused, not mixed into the table
+    _run("compare_presets.py", *common, "--seeds", "2", "--out", str(again), "--contenders", "cmd", "--no_train")
+    assert json.loads(again.read_text())["runs"] == [r for r in runs if r["contender"] == "cmd"]
+    # ... a lane not run yet is named by --no_train ...
+    missing = subprocess.run([sys.executable, str(BENCH / "compare_presets.py"), *common, "--seeds", "2",
+                              "--contenders", "esvit", "--no_train"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "esvit_seed0" in missing.stderr and "esvit_seed1" in missing.stderr
+    # ... a folder holding a run with other options is refused, not mixed into the table ...
     refused = subprocess.run([sys.executable, str(BENCH / "compare_presets.py"), "--smoke", "--seeds", "1",
                               "--epochs", "2", "--work_dir", str(tmp_path / "runs"), "--contenders", "cmd"],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "holds a run with other options" in refused.stderr
+    # ... and runs of one seed that did not start from the same weights are not paired
+    cache = tmp_path / "runs" / "demo" / "cmd_seed1" / "compare_row.json"
+    cached = json.loads(cache.read_text())
+    cached["row"]["init_sha256"] = "0" * 64
+    cache.write_text(json.dumps(cached))
+    unpaired = subprocess.run([sys.executable, str(BENCH / "compare_presets.py"), *common, "--seeds", "2",
+                               "--contenders", "dino", "cmd", "--no_train"], cwd=ROOT, capture_output=True, text=True)
+    assert unpaired.returncode != 0 and "seed 1: other initial backbone weights" in unpaired.stderr
 
 
 @pytest.mark.slow

@@ -40,7 +40,7 @@ def _recipes(rest: list[str]) -> int:
         recipe = recipes.load(name)
         base = f" (extends {recipe.extends})" if recipe.extends else ""
         print(f"{name:<14} {recipe.description}{base}")
-    print("\ndefault without --recipe: demo for --dataset synthetic, paper-cars for cars, paper for the others; "
+    print("\ndefault without --recipe: demo for --dataset synthetic and digits, paper-cars for cars, paper for the others; "
           "cmd-fgvc pretrain --recipe NAME --print_config shows every value")
     return 0
 

@@ -43,6 +43,11 @@ def build_data(args: argparse.Namespace, split: str, transform: Any, *, command:
     """
     from cmd.training import build_data as _build_data
 
+    if args.dataset == "digits":
+        try:
+            return _build_data(args, split, transform)
+        except ImportError as err:
+            raise SystemExit(f"--dataset digits: {err}") from err
     if args.dataset == "synthetic":
         return _build_data(args, split, transform, **synthetic)
     if args.data_path is None:

@@ -143,7 +143,7 @@ def apply_checkpoint_args(args: argparse.Namespace, content: Any) -> dict[str, A
         if isinstance(size, int) and size > 0:
             args.image_size = taken["image_size"] = size
         else:
-            args.image_size = args.synthetic_image_size if args.dataset == "synthetic" else 224
+            args.image_size = {"synthetic": args.synthetic_image_size, "digits": 32}.get(args.dataset, 224)
     return taken
 
 
@@ -210,6 +210,8 @@ def _dataset_info(args: argparse.Namespace) -> dict[str, Any]:
     if args.dataset == "synthetic":
         return {"name": "synthetic", "classes": args.synthetic_classes, "per_class": args.synthetic_per_class,
                 "image_size": args.synthetic_image_size, "seed": args.seed}
+    if args.dataset == "digits":
+        return {"name": "digits", "image_size": 32, "seed": args.seed}
     return {"name": args.dataset, "path": str(Path(args.data_path).resolve())}
 
 

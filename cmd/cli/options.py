@@ -65,8 +65,9 @@ __all__ = [
     "parse_pretrain_args",
 ]
 
-DATASETS = ("synthetic", "cub", "cars", "aircraft", "imagefolder")
-SYNTHETIC_DIFFICULTIES = ("hard", "easy", "demo")  # cmd.data.synthetic.DIFFICULTIES (--help stays torch-free)
+DATASETS = ("synthetic", "digits", "cub", "cars", "aircraft", "imagefolder")
+FILELESS_DATASETS = ("synthetic", "digits")  # no --data_path
+SYNTHETIC_DIFFICULTIES = ("hard", "medium", "easy", "demo")  # cmd.data.synthetic.DIFFICULTIES (--help stays torch-free)
 OPT_PATH, OPT_INT, OPT_JSON = optional(path), optional(POSITIVE), optional(json_object)
 
 
@@ -82,18 +83,20 @@ def logger_list(value: Any) -> str:
 def _data_options(default_difficulty: str) -> dict[str, Any]:
     """The dataset options both commands share (fields of the two schemas)."""
     return dict(
-        dataset=option("data", "synthetic fine-grained data (no files needed), a named benchmark, or an "
-                       "ImageFolder tree DATA/train/<class>/<image> and DATA/test/<class>/<image>", text,
+        dataset=option("data", "synthetic fine-grained data (no files needed), digits (scikit-learn's bundled "
+                       "8 x 8 handwritten digits at 32 px, no download; pip install cmd-fgvc[viz]), a named "
+                       "benchmark, or an ImageFolder tree DATA/train/<class>/<image> and DATA/test/<class>/<image>", text,
                        default="synthetic", choices=DATASETS),
-        data_path=option("data", "dataset root (required for every --dataset but synthetic)", OPT_PATH,
+        data_path=option("data", "dataset root (required for every --dataset but synthetic and digits)", OPT_PATH,
                          default=None, metavar="DIR"),
         synthetic_classes=option("data", "classes of the synthetic data", int_range(2), default=10),
         synthetic_per_class=option("data", "synthetic images per class and split", POSITIVE, default=100),
         synthetic_image_size=option("data", "side of the synthetic images", int_range(16), default=32),
         synthetic_difficulty=option(
             "data", "preset of the synthetic data (cmd.SyntheticFineGrained): hard = a 4 x 4-cell part on 20 % of "
-            "the side (the method benchmark); easy = a 3 x 3-cell part on 40 % of the side; demo = easy without "
-            "clutter, on a calm background (what self-supervision learns visibly on a CPU)", text,
+            "the side (the method benchmark); medium = a 3 x 3-cell part on 30 % of the side with clutter (random "
+            "init near chance, learnable with labels in a CPU budget); easy = a 3 x 3-cell part on 40 % of the side; "
+            "demo = easy without clutter, on a calm background (what self-supervision learns visibly on a CPU)", text,
             default=default_difficulty, choices=SYNTHETIC_DIFFICULTIES),
         synthetic_class_hue=option("data", "0..1: how strongly the object's hue follows the class (a global cue); "
                                    "null: the preset's", optional(float_range(0.0, 1.0)), default=None),
@@ -293,7 +296,7 @@ def build_pretrain_parser() -> CommandParser:
                "(cmd-fgvc recipes lists them; default: demo, a CPU run of a few minutes, for --dataset synthetic, "
                "and paper for a real dataset); --config FILE overrides the recipe, flags override both.", EXIT_STATUS_EPILOG)
     p.add_argument("--recipe", choices=recipes.names(), metavar="NAME",
-                   help=f"training recipe: {', '.join(recipes.names())}; default: demo for --dataset synthetic, "
+                   help=f"training recipe: {', '.join(recipes.names())}; default: demo for --dataset synthetic and digits, "
                         "paper-cars for --dataset cars, paper for the other datasets")
     p.add_argument("--print_config", action="store_true", default=False,
                    help="print the resolved options as YAML (loadable by --config), each with its source, and exit")
@@ -478,7 +481,7 @@ def _check_device(parser: argparse.ArgumentParser, device: str | None) -> None:
 
 
 def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.dataset != "synthetic":
+    if args.dataset not in FILELESS_DATASETS:
         if args.data_path is None:
             parser.error(f"argument --data_path: required for --dataset {args.dataset}")
         if not Path(args.data_path).is_dir():

@@ -1,8 +1,9 @@
-"""Datasets: CUB-200-2011, Stanford Cars, FGVC-Aircraft, image folders, and a synthetic fine-grained set.
+"""Datasets: CUB-200-2011, Stanford Cars, FGVC-Aircraft, image folders, a synthetic fine-grained set, digits.
 
 Every dataset yields ``(image, label)`` with an RGB PIL image (or ``transform(image)``), like
 torchvision's datasets, and exposes ``classes``, ``targets`` and ``num_classes``.
-[`SyntheticFineGrained`][cmd.data.SyntheticFineGrained] needs no files and is the default data of the examples and tests.
+[`SyntheticFineGrained`][cmd.data.SyntheticFineGrained] needs no files and is the default data of the examples and tests;
+[`Digits`][cmd.data.Digits] (scikit-learn's bundled handwritten digits) is a small real-image set that needs no download.
 
 Example:
     >>> from cmd.data import SyntheticFineGrained, build_dataset
@@ -15,12 +16,14 @@ Example:
 from __future__ import annotations
 
 from .cub import CUB200
+from .digits import Digits
 from .image_list import ImageListDataset, load_rgb
 from .registry import DATASETS, build_dataset
 from .synthetic import SyntheticFineGrained, SyntheticSample
 
 __all__ = [
     "CUB200",
+    "Digits",
     "ImageListDataset",
     "load_rgb",
     "DATASETS",

@@ -11,6 +11,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from .cub import CUB200
+from .digits import Digits
 from .image_list import ImageListDataset
 from .synthetic import SyntheticFineGrained
 
@@ -31,10 +32,12 @@ _ALIASES = {
     "fgvcaircraft": "fgvc_aircraft",
     "imagefolder": "imagefolder",
     "image_folder": "imagefolder",
+    "digits": "digits",
+    "sklearn_digits": "digits",
 }
 
 #: canonical dataset names accepted by `build_dataset` (aliases such as "cub" or "cars" too)
-DATASETS = ("synthetic", "cub200", "stanford_cars", "fgvc_aircraft", "imagefolder")
+DATASETS = ("synthetic", "digits", "cub200", "stanford_cars", "fgvc_aircraft", "imagefolder")
 
 
 def _stanford_cars(root: Path, split: str, transform, target_transform) -> ImageListDataset:
@@ -214,6 +217,10 @@ def build_dataset(
 
     - ``"synthetic"``: [`SyntheticFineGrained`][cmd.data.SyntheticFineGrained] (``root`` unused; ``kwargs`` go to it, e.g.
       ``n_classes``, ``image_size``, ``return_part_mask``).
+    - ``"digits"``: [`Digits`][cmd.data.Digits], scikit-learn's bundled 8 x 8 handwritten digits
+      upsampled to 32 px (``root`` unused; no download; needs scikit-learn: ``pip install
+      cmd-fgvc[viz]``); splits ``train`` / ``test``, stratified and drawn by ``seed`` (a kwarg, with
+      ``test_fraction`` and ``image_size``).
     - ``"cub200"`` / ``"cub"``: [`CUB200`][cmd.data.CUB200] from ``root`` (the ``CUB_200_2011`` folder or its
       parent); splits ``train`` / ``test``.
     - ``"stanford_cars"`` / ``"cars"``: torchvision's ``StanfordCars`` layout under
@@ -245,6 +252,8 @@ def build_dataset(
         raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)} (or an alias: {sorted(_ALIASES)})")
     if key == "synthetic":
         return SyntheticFineGrained(split=split, transform=transform, target_transform=target_transform, **kwargs)
+    if key == "digits":
+        return Digits(split=split, transform=transform, target_transform=target_transform, **kwargs)
     if root is None:
         raise ValueError(f"dataset {name!r} needs a root directory")
     if key == "cub200":

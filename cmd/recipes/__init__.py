@@ -124,8 +124,8 @@ def get(name: str, **overrides: Any) -> Config:
 
 
 def default_for_dataset(dataset: str) -> str:
-    """The recipe a run uses without ``--recipe``: ``demo`` on synthetic data, ``paper`` (Cars: ``paper-cars``)."""
-    if dataset == "synthetic":
+    """The recipe a run uses without ``--recipe``: ``demo`` on synthetic data and digits, ``paper`` (Cars: ``paper-cars``)."""
+    if dataset in ("synthetic", "digits"):  # CPU-scale data: the CPU demo's recipe
         return "demo"
     return "paper-cars" if dataset == "cars" else "paper"
 

@@ -65,7 +65,8 @@ def build_data(cfg: Any, split: str, transform: Callable[[Any], Any] | None = No
     Reads ``dataset``, ``data_path``, and for ``dataset == "synthetic"`` ``synthetic_classes``,
     ``synthetic_per_class``, ``synthetic_image_size``, ``seed`` (and, when present,
     ``synthetic_difficulty``, ``synthetic_class_hue``, ``synthetic_clutter``). ``synthetic`` goes
-    to `cmd.SyntheticFineGrained` (e.g. ``return_part_mask=True``).
+    to `cmd.SyntheticFineGrained` (e.g. ``return_part_mask=True``). ``dataset == "digits"`` is
+    `cmd.data.Digits` at 32 px, its stratified split drawn by ``seed`` (no ``data_path``).
 
     Returns:
         a dataset of ``(image, label)`` (``transform(image)`` when a transform is given).
@@ -74,7 +75,7 @@ def build_data(cfg: Any, split: str, transform: Callable[[Any], Any] | None = No
         ValueError: a file-based dataset without ``data_path``, or a malformed folder.
         FileNotFoundError: the split does not exist under ``data_path``.
     """
-    from cmd.data import SyntheticFineGrained, build_dataset
+    from cmd.data import Digits, SyntheticFineGrained, build_dataset
 
     if cfg.dataset == "synthetic":
         return SyntheticFineGrained(
@@ -84,6 +85,10 @@ def build_data(cfg: Any, split: str, transform: Callable[[Any], Any] | None = No
             class_hue=getattr(cfg, "synthetic_class_hue", None), clutter=getattr(cfg, "synthetic_clutter", None),
             **synthetic,
         )
+    if cfg.dataset == "digits":
+        if synthetic:
+            raise TypeError(f"the digits dataset takes no {sorted(synthetic)} (synthetic data only)")
+        return Digits(split=split, seed=cfg.seed, transform=transform)
     if cfg.data_path is None:
         raise ValueError(f"data_path is required for dataset {cfg.dataset!r}")
     return build_dataset(cfg.dataset, cfg.data_path, split, transform)
