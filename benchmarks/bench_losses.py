@@ -5,11 +5,12 @@ Contenders compute the same loss from the same inputs (``--contenders``; the loo
 - ``loop``: the obvious implementation (EsViT's per-pair loop, plus a per-crop loop for the CMD
   inter-level term): for every pair (g, v != g) a log-softmax of the student's image and region
   logits, a gather of the matched teacher regions and a cross-entropy; the reference of every ratio;
-- ``CMDLoss``: the library's plain path (aggregated targets in plain autograd);
+- ``CMDLoss``: the library's default path (the region terms chunked, their gradient formed in the
+  forward pass: `cmd.losses.fused.region_cross_entropy`);
 - ``aggregated`` (opt-in): the same in plain autograd with the targets of each student crop summed over
   the teachers g != v first, written here independently: what the aggregation alone buys;
-- ``fused`` (opt-in): ``CMDLoss(fused_chunk_size=8)``, the prototype layer fused with the log-softmax
-  and the cross-entropy in chunks (`cmd.losses.fused`).
+- ``fused`` (opt-in): ``CMDLoss(fused_chunk_size=8)``, the prototype layer inside the chunked region
+  terms (`cmd.losses.fused.fused_prototype_cross_entropy`).
 
 ``--prototypes inside``: the student's region logits come from its prototype layer, ``region =
 region_embedding @ prototypes^T`` (bottleneck 256), inside every timed call (forward and backward of
@@ -253,10 +254,14 @@ def run_setting(name_, *, batch, out_dim, tokens, dim, scale, device, dtype, rep
         agg = AggregatedAutogradLoss(out_dim, n_global, n_global + n_local, device=device, **weights)
         ours = CMDLoss.from_preset(preset, out_dim=out_dim, n_local_crops=n_local).to(device)
         fused = CMDLoss.from_preset(preset, out_dim=out_dim, n_local_crops=n_local, fused_chunk_size=8).to(device)
+        # the teacher output holds what the program's teacher computes for this loss (`teacher_outputs`):
+        # without the bag terms, no MIL weights (and no teacher-bag diagnostic)
+        t_in = CrossLevelOutput(**{f: getattr(teacher, f) if f in ours.teacher_outputs else None
+                                   for f in ("image", "region", "tokens", "mil_weights")})
         contenders[("loop", preset)] = lambda f=loop: f(inputs(), teacher, tau_t)
         contenders[("aggregated", preset)] = lambda f=agg: f(inputs(), teacher, tau_t)
-        contenders[("CMDLoss", preset)] = lambda f=ours: f(inputs(), teacher, teacher_temp=tau_t).loss
-        contenders[("fused", preset)] = lambda f=fused: f(student, teacher, teacher_temp=tau_t).loss
+        contenders[("CMDLoss", preset)] = lambda f=ours, t=t_in: f(inputs(), t, teacher_temp=tau_t).loss
+        contenders[("fused", preset)] = lambda f=fused, t=t_in: f(student, t, teacher_temp=tau_t).loss
     contenders = {k: f for k, f in contenders.items() if k[0] in names}
 
     # same values (centers move identically in all)

@@ -18,6 +18,7 @@ from cmd import distributed as dist
 __all__ = ["Center", "sinkhorn_knopp"]
 
 _TINY = torch.finfo(torch.float32).tiny
+_CHUNK_ELEMENTS = 1 << 20  # chunks of rows of at most this many elements stay in a CPU's last-level cache
 
 
 class Center(nn.Module):
@@ -74,11 +75,19 @@ class Center(nn.Module):
             >>> [round(float(x), 4) for x in h]  # log 4
             [1.3863, 1.3863]
         """
-        scaled = torch.add(self.value * (-1.0 / temperature), logits.detach().float(), alpha=1.0 / temperature)
-        scaled.sub_(scaled.amax(dim=-1, keepdim=True))
-        probs = F.threshold_(torch.softmax(scaled, dim=-1), _TINY, 0.0)
-        dot = scaled.mul_(probs).sum(dim=-1)  # P.(s - max s), in place of the shifted logits
-        return probs, dot.neg_().sub_(probs.amax(dim=-1).log_())
+        flat = logits.detach().reshape(-1, self.out_dim)
+        probs = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
+        entropy = torch.empty(flat.shape[0], device=flat.device, dtype=torch.float32)
+        shift = self.value * (-1.0 / temperature)
+        step = max(1, _CHUNK_ELEMENTS // self.out_dim) if flat.device.type == "cpu" else max(1, flat.shape[0])
+        for r0 in range(0, flat.shape[0], step):  # on a CPU in cache-sized chunks of rows: one pass over memory
+            scaled = torch.add(shift, flat[r0 : r0 + step].float(), alpha=1.0 / temperature)
+            scaled.sub_(scaled.amax(dim=-1, keepdim=True))
+            p = F.threshold_(torch.softmax(scaled, dim=-1), _TINY, 0.0)
+            dot = scaled.mul_(p).sum(dim=-1)  # P.(s - max s), in place of the shifted logits
+            torch.sub(dot.neg_(), p.amax(dim=-1).log_(), out=entropy[r0 : r0 + step])
+            probs[r0 : r0 + step] = p
+        return probs.view(logits.shape), entropy.view(logits.shape[:-1])
 
     @torch.no_grad()
     def accumulate(self, logits: torch.Tensor) -> None:

@@ -43,6 +43,7 @@ from cmd.losses.functional import (  # fmt: skip
     match_regions,
     normalise_weights,
     target_index,
+    unit_teacher_tokens,
 )
 from cmd.losses.fused import fused_prototype_cross_entropy, region_cross_entropy
 from cmd.schedules import teacher_temperature_schedule
@@ -314,12 +315,22 @@ class CMDLoss(nn.Module):
 
         with torch.autocast(device_type=dev.type, enabled=False):  # float32 throughout
             # image level: P_g [G * B, K]; log p_v [V * B, K]; aggregated targets T_v = sum_{g != v} P_g
-            log_p = torch.log_softmax(torch.cat(list(map(attrgetter("image"), student))).float() / tau_s, dim=-1)
             probs, log_probs = self._teacher_probs(teacher.image, self.center, tau_t)
             image_index = target_index(torch.zeros(v, b, 1, g, dtype=torch.long, device=dev), 0, b, 1)
-            image_target = aggregate_targets(probs, *image_index)
-            terms["image"] = -(image_target * log_p).sum() / (b * n_pairs)
-            loss = self.image_weight * terms["image"]
+            if bags:  # the bag terms need log p itself
+                log_p = torch.log_softmax(torch.cat(list(map(attrgetter("image"), student))).float() / tau_s, dim=-1)
+                image_target = aggregate_targets(probs, *image_index)
+                terms["image"] = -(image_target * log_p).sum() / (b * n_pairs)
+                loss = self.image_weight * terms["image"]
+            else:  # the chunked kernel with N = 1 token per crop-image, one call per student group
+                loss, image_sum, first = 0.0, 0.0, 0
+                for o in student:
+                    rows = o.image.shape[0]
+                    part = region_cross_entropy(o.image.unsqueeze(1), probs, image_index[0][first : first + rows],
+                                                image_index[1][first : first + rows], tau_s,
+                                                ce_weight=self.image_weight / (b * n_pairs))
+                    loss, image_sum, first = loss + part.loss, image_sum + part.cross_entropy, first + rows
+                terms["image"] = image_sum / (b * n_pairs)
             with torch.no_grad():
                 terms["teacher_entropy"] = -(probs * log_probs).sum(-1).mean()
                 terms["teacher_student_kl"] = (terms["image"].detach() - terms["teacher_entropy"]).clamp_min(0.0)
@@ -347,12 +358,13 @@ class CMDLoss(nn.Module):
 
             # region level and student bags, one student group at a time
             chunked = self.region_weight > 0 and self.swapped_weight == 0  # the swapped term needs the bags
+            teacher_unit = unit_teacher_tokens(teacher.tokens, b) if self.region_weight > 0 else None
             region_sum, kl_sum, log_bags, first = 0.0, 0.0, [], 0
             for o in student:
                 rows, n_s = o.image.shape[0], o.num_tokens
                 w = normalise_weights(o.mil_weights) if bags else None
                 if self.region_weight > 0:
-                    matches, finite = match_regions(o.tokens, teacher.tokens, b)
+                    matches, finite = match_regions(o.tokens, teacher.tokens, b, teacher_unit=teacher_unit)
                     index = target_index(matches, first // b, b, n_t)
                     bad = torch.where(finite, 0.0, float("nan"))  # non-finite tokens: a NaN term, not a silent one
                 if chunked:  # one chunk of crop-images at a time, the gradient formed on the way (`cmd.losses.fused`)

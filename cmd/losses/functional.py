@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["target_index", "aggregate_targets", "match_regions", "normalise_weights", "bag_log_prob", "kl_rows", "koleo"]
+__all__ = ["target_index", "aggregate_targets", "match_regions", "unit_teacher_tokens", "normalise_weights", "bag_log_prob", "kl_rows", "koleo"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -57,14 +57,28 @@ def aggregate_targets(probs: torch.Tensor, index: torch.Tensor, valid: torch.Ten
 
 
 @torch.no_grad()
-def match_regions(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def unit_teacher_tokens(teacher_tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The teacher side of `match_regions`: [G * B, N_t, D] crop-major -> unit rows [B, G * N_t, D] float32 (image-major).
+
+    Compute it once per step and pass it to every `match_regions` call as ``teacher_unit``.
+    """
+    b = batch_size
+    g, n_t, d = teacher_tokens.shape[0] // b, teacher_tokens.shape[1], teacher_tokens.shape[2]
+    return F.normalize(teacher_tokens.float(), dim=-1).view(g, b, n_t, d).transpose(0, 1).reshape(b, g * n_t, d)
+
+
+@torch.no_grad()
+def match_regions(
+    student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, batch_size: int, *, teacher_unit: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For every student region, the most similar region of every teacher crop of the same image.
 
     ``m_g(j) = argmax_i cos(F_v,j, F'_g,i)`` on backbone tokens, no gradient. The student token's norm
     does not change the argmax over i, so only the teacher tokens are normalised.
 
     ``student_tokens`` [C * B, N_s, D] and ``teacher_tokens`` [G * B, N_t, D] (crop-major) give
-    ``(matches [C, B, N_s, G] long, finite)``: ``finite`` a 0-dim bool, False when a similarity is not
+    ``(matches [C, B, N_s, G] long, finite)`` (``teacher_unit``: `unit_teacher_tokens` of ``teacher_tokens``,
+    computed once for several student groups): ``finite`` a 0-dim bool, False when a similarity is not
     finite (NaN / inf tokens), for the caller to make its term NaN rather than silently finite.
 
     Example:
@@ -75,7 +89,7 @@ def match_regions(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, ba
     b = batch_size
     c, n_s, d = student_tokens.shape[0] // b, student_tokens.shape[1], student_tokens.shape[2]
     g, n_t = teacher_tokens.shape[0] // b, teacher_tokens.shape[1]
-    t = F.normalize(teacher_tokens.float(), dim=-1).view(g, b, n_t, d).transpose(0, 1).reshape(b, g * n_t, d)
+    t = unit_teacher_tokens(teacher_tokens, b) if teacher_unit is None else teacher_unit
     s = student_tokens.float().view(c, b, n_s, d).transpose(0, 1).reshape(b, c * n_s, d)
     sim = torch.bmm(s, t.transpose(1, 2))  # [B, C * N_s, G * N_t]
     return sim.view(b, c, n_s, g, n_t).argmax(dim=-1).permute(1, 0, 2, 3), torch.isfinite(sim).all()

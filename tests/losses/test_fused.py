@@ -220,3 +220,19 @@ def test_cmd_loss_fused_errors():
     validating = CMDLoss(8, n_global_crops=2, n_local_crops=1, fused_chunk_size=4, validate=True)
     with pytest.raises(ValueError, match=r"student\[0\]\.prototypes holds 32 non-finite"):
         validating(s, t, epoch=0)
+
+
+@pytest.mark.parametrize("source", ["fused", "logits"])
+def test_chunked_terms_with_one_weight_zero(source):
+    z, protos, tp, index, valid, w, lp = _inputs(seed=4)
+    ce_ref, kl_ref = _plain_terms(z, protos, tp, index, valid, 0.1, w, lp)
+    for ce_weight, kl_weight, ref in ((0.0, 1.0, kl_ref), (1.0, 0.0, ce_ref)):
+        out = _run(source, z, protos, tp, index, valid, 0.1, weights=w, image_log_probs=lp,
+                   ce_weight=ce_weight, kl_weight=kl_weight, chunk_rows=2)
+        torch.testing.assert_close(out.cross_entropy, ce_ref.detach(), rtol=1e-5, atol=1e-4)  # both sums, always
+        torch.testing.assert_close(out.kl, kl_ref.detach(), rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(out.loss, (z, w), allow_unused=True)
+        grads_ref = torch.autograd.grad(ref, (z, w), retain_graph=True, allow_unused=True)
+        for a, b in zip(grads, grads_ref):
+            b = torch.zeros_like(a) if b is None else b
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * float(b.abs().max()) + 1e-7)
