@@ -88,8 +88,8 @@ CONTENDERS: dict[str, list[str]] = {
 SUPERVISED = "supervised"  # the reference trained with labels (in this process), a contender of its own
 RANDOM_INIT = "random-init"  # the teacher before training (k-NN before; gain 0): a reference of every seed
 DEFAULT_CONTENDERS = ("dino", "esvit", "cmd", SUPERVISED)  # the method comparison; the others on request
-METRICS = ("knn_before", "knn_after", "gain", "map100", "part_mass", "uniform_mass", "teacher_entropy",
-           "teacher_batch_entropy", "train_time_s")
+METRICS = ("knn_before", "knn_after", "gain", "map100", "part_mass", "uniform_mass", "pointing", "iou", "iou_chance",
+           "teacher_entropy", "teacher_batch_entropy", "rankme", "train_time_s")
 PAIRED_METRICS = ("knn_after", "gain")
 # setting -> (options of the program, epochs as a multiple of the demo recipe's)
 SETTINGS: dict[str, tuple[list[str], int]] = {
@@ -168,20 +168,30 @@ def init_fingerprint(args) -> str:
     return digest.hexdigest()
 
 
+LOCALISATION = ("part_mass", "uniform_mass", "pointing", "iou", "iou_chance")
+
+
 @torch.no_grad()
-def part_mass(net: cmd.CMDNetwork, args) -> tuple[float | None, float | None]:
-    """Mean MIL weight mass on the part and the uniform share, over the synthetic test split (None otherwise)."""
+def part_localisation(net: cmd.CMDNetwork, args) -> dict[str, float | None]:
+    """Over the synthetic test split (None otherwise): the mean MIL weight mass on the part and the uniform share
+    (`cmd.part_weight_mass`), the pointing game (`cmd.pointing_game`; chance: the uniform share) and the IoU of the
+    top-k tokens with the part's k tokens and its chance level (`cmd.top_k_part_iou`)."""
     if args.dataset != "synthetic":
-        return None, None
-    masses, uniform = [], []
+        return dict.fromkeys(LOCALISATION)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in LOCALISATION}
     data = _eval_data(args, "test", return_part_mask=True)
     for images, _labels, masks in DataLoader(data, batch_size=64):
         feats = net.backbone(images)
-        out = net.head(feats.tokens, feats.pooled)
+        weights = net.head(feats.tokens, feats.pooled).mil_weights
         n_tokens = feats.grid[0] * feats.grid[1]
-        masses.append(cmd.part_weight_mass(out.mil_weights, masks, feats.grid))
-        uniform.append(cmd.part_weight_mass(torch.full((len(images), n_tokens), 1.0 / n_tokens), masks, feats.grid))
-    return float(torch.cat(masses).mean()), float(torch.cat(uniform).mean())
+        parts["part_mass"].append(cmd.part_weight_mass(weights, masks, feats.grid))
+        parts["uniform_mass"].append(cmd.part_weight_mass(torch.full((len(images), n_tokens), 1.0 / n_tokens), masks,
+                                                          feats.grid))
+        parts["pointing"].append(cmd.pointing_game(weights, masks, feats.grid))
+        iou, chance = cmd.top_k_part_iou(weights, masks, feats.grid)
+        parts["iou"].append(iou)
+        parts["iou_chance"].append(chance)
+    return {name: float(torch.cat(values).mean()) for name, values in parts.items()}
 
 
 @torch.no_grad()
@@ -237,15 +247,16 @@ def run_self_supervised(name: str, seed: int, argv: list[str], out_dir: Path) ->
     elapsed = time.perf_counter() - t0
     args = SimpleNamespace(**read_checkpoint(out_dir / "checkpoint.pth")["args"])  # the run's resolved options
     net = _teacher(args, out_dir)
-    mass, uniform = part_mass(net, args)
+    localisation = part_localisation(net, args)
     epochs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     last = epochs[-1]
     before, after = epochs[0].get("knn_top1_before"), last["knn_top1"]
     return {
         "contender": name, "seed": seed, "knn_before": before, "knn_after": after,
         "gain": None if before is None else after - before,
-        "map100": map_at_100(net.backbone, args), "part_mass": mass, "uniform_mass": uniform,
+        "map100": map_at_100(net.backbone, args), **localisation,
         "teacher_entropy": last.get("teacher_entropy"), "teacher_batch_entropy": last.get("teacher_batch_entropy"),
+        "rankme": last.get("rankme"),
         "log_k": math.log(args.out_dim), "collapse": sorted({e["collapse"] for e in epochs if e.get("collapse")}),
         "train_time_s": elapsed, "steps": last["step"],
         "data_sha256": data_fingerprint(args), "init_sha256": init_fingerprint(args),
@@ -322,8 +333,8 @@ def run_supervised(seed: int, argv: list[str], out_dir: Path) -> dict:
           f"{before:.2f} -> {after:.2f} %")
     return {
         "contender": SUPERVISED, "seed": seed, "knn_before": before, "knn_after": after,
-        "gain": after - before, "map100": map_at_100(backbone, args), "part_mass": None, "uniform_mass": None,
-        "teacher_entropy": None, "teacher_batch_entropy": None, "log_k": None, "collapse": [],
+        "gain": after - before, "map100": map_at_100(backbone, args), **dict.fromkeys(LOCALISATION),
+        "rankme": None, "teacher_entropy": None, "teacher_batch_entropy": None, "log_k": None, "collapse": [],
         "train_time_s": elapsed, "steps": result.steps, "train_top1": result.train_top1,
         "data_sha256": data_fingerprint(args), "init_sha256": init_fingerprint(args),
     }
@@ -404,6 +415,8 @@ def print_table(table: list[dict], header: str) -> None:
     print(f"\n{header}")
     cols = [("k-NN before", "knn_before", ".2f"), ("k-NN after", "knn_after", ".2f"), ("gain", "gain", "+.2f"),
             ("mAP@100", "map100", ".2f"), ("part mass", "part_mass", ".3f"), ("uniform", "uniform_mass", ".3f"),
+            ("pointing", "pointing", ".3f"), ("top-k IoU", "iou", ".3f"), ("IoU chance", "iou_chance", ".3f"),
+            ("RankMe", "rankme", ".1f"),
             ("H(P_t)", "teacher_entropy", ".2f"), ("H(mean P_t)", "teacher_batch_entropy", ".2f"),
             ("time (s)", "train_time_s", ".0f")]
     print(" | ".join(["contender", *(c[0] for c in cols), "log K", "collapse"]))

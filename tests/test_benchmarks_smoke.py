@@ -97,10 +97,11 @@ def test_compare_presets_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert [e["contender"] for e in data["table"]] == ["dino", "cmd", "supervised"] and data["seeds"] == [0, 1]
     for entry in data["table"][:2]:
-        for key in ("knn_before", "knn_after", "gain", "map100", "part_mass", "uniform_mass", "teacher_entropy",
-                    "teacher_batch_entropy", "train_time_s"):
+        for key in ("knn_before", "knn_after", "gain", "map100", "part_mass", "uniform_mass", "pointing", "iou",
+                    "iou_chance", "teacher_entropy", "teacher_batch_entropy", "rankme", "train_time_s"):
             assert entry[key] is not None, key
         assert 0 < entry["uniform_mass"] < 1 and 0 <= entry["map100"] <= 100
+        assert 0 <= entry["pointing"] <= 1 and 0 <= entry["iou"] <= 1 and 0 < entry["iou_chance"] < 1
     # pairing holds: per seed, every contender (the supervised reference too) saw the same data and weights
     runs = data["runs"]
     for seed in (0, 1):
