@@ -72,14 +72,8 @@ def part_weight_mass(
         >>> part_weight_mass(torch.tensor([[0.7, 0.1, 0.1, 0.1]]), m, (2, 2))
         tensor([0.7000])
     """
-    if weights.ndim != 2:
-        raise ValueError(f"weights must have shape [B, N], got {tuple(weights.shape)}")
-    tokens = part_token_mask(part_masks, grid, min_overlap)
-    if tokens.shape[0] != weights.shape[0]:
-        raise ValueError(f"weights has B = {weights.shape[0]} rows but part_masks has {tokens.shape[0]}")
-    if tokens.shape[1] != weights.shape[1]:
-        raise ValueError(f"weights has N = {weights.shape[1]} tokens but the grid {tuple(grid)} has {tokens.shape[1]}")
-    return (weights.float() * tokens.to(weights.device)).sum(dim=1)
+    tokens = _weights_and_tokens(weights, part_masks, grid, min_overlap)
+    return (weights.float() * tokens).sum(dim=1)
 
 
 def _weights_and_tokens(weights, part_masks, grid, min_overlap) -> torch.Tensor:
