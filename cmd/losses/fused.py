@@ -127,7 +127,7 @@ class _ChunkedRegionTerms(torch.autograd.Function):
                         grad_w[r0:r1] = c
                     if need_lp:
                         grad_lp[r0:r1] = b.neg_()
-            if not grad:
+            if not (need_source or need_protos):  # only the small gradients of w and log p are wanted
                 continue
             # dL/dx = ce_weight (m q - T) / tau [+ kl_weight w_j q_jk (a_k - c_j) / tau] = -sigma T + q coef, one
             # addcmul, written straight into the stored gradient where it is float32 logits' (no copy)

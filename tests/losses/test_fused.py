@@ -236,3 +236,14 @@ def test_chunked_terms_with_one_weight_zero(source):
         for a, b in zip(grads, grads_ref):
             b = torch.zeros_like(a) if b is None else b
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * float(b.abs().max()) + 1e-7)
+
+
+def test_chunked_terms_with_frozen_logits_give_the_bag_gradients():
+    z, protos, tp, index, valid, w, lp = _inputs(seed=5)
+    x = (z @ protos.T).detach()  # a frozen head: only the MIL weights and the image log-probs learn
+    out = region_cross_entropy(x, tp, index, valid, 0.1, weights=w, image_log_probs=lp, kl_weight=1.3)
+    grads = torch.autograd.grad(out.loss, (w, lp))
+    ce_ref, kl_ref = _plain_terms(x.reshape(5, 3, 32), torch.eye(32), tp, index, valid, 0.1, w, lp)
+    grads_ref = torch.autograd.grad(1.3 * kl_ref + ce_ref.detach(), (w, lp))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6 * float(b.abs().max()))
