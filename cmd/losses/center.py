@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmd import distributed as dist
+from cmd.losses.fused import auto_chunk_rows
 
 __all__ = ["Center", "sinkhorn_knopp"]
 
 _TINY = torch.finfo(torch.float32).tiny
-_CHUNK_ELEMENTS = 1 << 20  # chunks of rows of at most this many elements stay in a CPU's last-level cache
 
 
 class Center(nn.Module):
@@ -51,6 +51,10 @@ class Center(nn.Module):
         # running [sum over rows (K), row count] of logits not yet applied; not saved
         self.register_buffer("pending", torch.zeros(out_dim + 1), persistent=False)
 
+    def _scaled(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """``(logits - c) / tau`` [..., K] as a new float32 tensor, in one pass."""
+        return torch.add(self.value * (-1.0 / temperature), logits.float(), alpha=1.0 / temperature)
+
     @torch.no_grad()
     def softmax(self, logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(P, log P)`` with ``P = softmax((logits - c) / tau)`` [..., K], float32, no gradient (any input dtype).
@@ -58,7 +62,7 @@ class Center(nn.Module):
         Values of P below float32's smallest normal number (1.2e-38) are set to 0: a mass below float32's
         resolution of any sum, and sub-normal numbers slow every later CPU operation tens of times.
         """
-        scaled = torch.add(self.value * (-1.0 / temperature), logits.detach().float(), alpha=1.0 / temperature)
+        scaled = self._scaled(logits.detach(), temperature)
         # two kernels rather than exp(log P): an exp with sub-normal results is very slow on CPUs
         return F.threshold_(torch.softmax(scaled, dim=-1), _TINY, 0.0), torch.log_softmax(scaled, dim=-1)
 
@@ -78,10 +82,9 @@ class Center(nn.Module):
         flat = logits.detach().reshape(-1, self.out_dim)
         probs = torch.empty(flat.shape, device=flat.device, dtype=torch.float32)
         entropy = torch.empty(flat.shape[0], device=flat.device, dtype=torch.float32)
-        shift = self.value * (-1.0 / temperature)
-        step = max(1, _CHUNK_ELEMENTS // self.out_dim) if flat.device.type == "cpu" else max(1, flat.shape[0])
-        for r0 in range(0, flat.shape[0], step):  # on a CPU in cache-sized chunks of rows: one pass over memory
-            scaled = torch.add(shift, flat[r0 : r0 + step].float(), alpha=1.0 / temperature)
+        step = auto_chunk_rows(1, self.out_dim, flat.device)  # the chunks of the student's region terms
+        for r0 in range(0, flat.shape[0], step):  # cache-sized chunks of rows on a CPU: one pass over memory
+            scaled = self._scaled(flat[r0 : r0 + step], temperature)
             scaled.sub_(scaled.amax(dim=-1, keepdim=True))
             p = F.threshold_(torch.softmax(scaled, dim=-1), _TINY, 0.0)
             dot = scaled.mul_(p).sum(dim=-1)  # P.(s - max s), in place of the shifted logits

@@ -342,12 +342,8 @@ class CMDLoss(nn.Module):
             region_probs = beta = None
             if teacher.region is not None and (self.region_weight > 0 or self.swapped_weight > 0):
                 n_t = teacher.region.shape[1]
-                region_logits = teacher.region.reshape(-1, k)
-                if self.centering == "sinkhorn":
-                    region_probs = sinkhorn_knopp(region_logits, tau_t, self.sinkhorn_iterations)
-                    region_entropy = -_xlogx(region_probs).sum(-1)
-                else:  # no [M, K] log-probabilities: only their entropy is needed
-                    region_probs, region_entropy = self.region_center.softmax_entropy(region_logits, tau_t)
+                # no [M, K] log-probabilities: only their entropy is needed
+                region_probs, region_entropy = self._teacher_probs_entropy(teacher.region.reshape(-1, k), tau_t)
                 with torch.no_grad():
                     terms["teacher_region_entropy"] = region_entropy.mean()
                     if teacher.mil_weights is not None:
@@ -417,6 +413,13 @@ class CMDLoss(nn.Module):
             probs = sinkhorn_knopp(logits, tau, self.sinkhorn_iterations)
             return probs, probs.clamp_min(_TINY).log()
         return center.softmax(logits, tau)
+
+    def _teacher_probs_entropy(self, logits: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher region ``(Q [R, K], H(Q) [R])`` float32 by centering (``region_center``) or Sinkhorn-Knopp."""
+        if self.centering == "sinkhorn":
+            probs = sinkhorn_knopp(logits, tau, self.sinkhorn_iterations)
+            return probs, -_xlogx(probs).sum(-1)
+        return self.region_center.softmax_entropy(logits, tau)
 
     def accumulate_centers(self, teacher: Teacher) -> None:
         """Add the teacher's image (and region) logits to the running sums (no sync); a tensor is image logits."""
