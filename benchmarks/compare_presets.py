@@ -290,9 +290,7 @@ class _OneCrop:
     """One global crop of the run's multi-crop augmentation, as a tensor [3, H, W]."""
 
     def __init__(self, args) -> None:
-        self.augmentation = cmd.MultiCropAugmentation(
-            global_size=args.global_size, local_size=args.local_size, n_global=1, n_local=0,
-            global_scale=tuple(args.global_crops_scale))
+        self.augmentation = training.build_multicrop(args, n_global=1, n_local=0)
 
     def __call__(self, image):
         return self.augmentation(image)[0]

@@ -68,6 +68,7 @@ _LAZY_ATTRS: dict[str, str] = {
     "restore_checkpoint": "checkpoint",
     # data
     "SyntheticFineGrained": "data",
+    "SyntheticBroad": "data",
     "CUB200": "data",
     "build_dataset": "data",
     # evaluation
@@ -140,7 +141,7 @@ if _TYPE_CHECKING:  # pragma: no cover - for static analysers only
         load_pretrained,
     )
     from cmd.checkpoint import restore_checkpoint, save_checkpoint
-    from cmd.data import CUB200, SyntheticFineGrained, build_dataset
+    from cmd.data import CUB200, SyntheticBroad, SyntheticFineGrained, build_dataset
     from cmd.diagnostics import EmbeddingReservoir, rankme
     from cmd.eval import (
         KNNClassifier,

@@ -35,6 +35,9 @@ __all__ = [
     "RandomGaussianBlur",
     "gaussian_blur",
     "MultiCropAugmentation",
+    "DINO_COLOR_JITTER",
+    "DINO_BLUR_SIGMA",
+    "DINO_SOLARIZATION_PROB",
     "eval_transform",
     "multicrop_collate",
 ]
@@ -42,8 +45,13 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-# Gaussian blur sigma range of DINO (PIL radius 0.1 - 2.0).
+# DINO's photometric augmentation (official utils.py:47 and datasets/build.py:209-231): the Gaussian blur's
+# sigma range (PIL radius 0.1 - 2.0 px), the colour jitter (brightness, contrast, saturation, hue) and the
+# solarisation probability of the second global crop.
 _BLUR_SIGMA = (0.1, 2.0)
+DINO_COLOR_JITTER: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+DINO_BLUR_SIGMA: tuple[float, float] = _BLUR_SIGMA
+DINO_SOLARIZATION_PROB = 0.2
 
 
 class ToRGBImage:
@@ -156,6 +164,20 @@ def _check_scale(name: str, value: Sequence[float]) -> tuple[float, float]:
     return (float(value[0]), float(value[1]))
 
 
+def _check_color_jitter(value: Sequence[float]) -> tuple[float, float, float, float]:
+    values = tuple(float(v) for v in value)
+    if len(values) != 4 or any(not math.isfinite(v) or v < 0 for v in values) or values[3] > 0.5:
+        raise ValueError("color_jitter must be (brightness, contrast, saturation, hue), each >= 0 and hue <= 0.5, "
+                         f"got {tuple(value)!r}")
+    return values  # type: ignore[return-value]
+
+
+def _check_blur_sigma(value: Sequence[float]) -> tuple[float, float]:
+    if len(value) != 2 or not (0.0 < float(value[0]) <= float(value[1]) < math.inf):
+        raise ValueError(f"blur_sigma must be (low, high) pixels with 0 < low <= high, got {tuple(value)!r}")
+    return (float(value[0]), float(value[1]))
+
+
 def _to_float_normalised(mean: Sequence[float], std: Sequence[float]) -> list:
     return [
         v2.ToDtype(torch.float32, scale=True),
@@ -167,11 +189,17 @@ def _to_float_normalised(mean: Sequence[float], std: Sequence[float]) -> list:
 class MultiCropAugmentation:
     """DINO's multi-crop augmentation: ``n_global`` global crops then ``n_local`` local crops of one image.
 
-    Each crop: random resized crop (bicubic, antialiased), horizontal flip, colour jitter (brightness
-    0.4, contrast 0.4, saturation 0.2, hue 0.1) with p = 0.8, grayscale with p = 0.2, Gaussian blur
-    (sigma in [0.1, 2.0]) with p = 1.0 on the first global crop, 0.1 on the second and 0.5 on local
-    crops (a separable kernel of three sigmas each side, see `gaussian_blur`), solarisation (threshold 128) with p = 0.2 on the second global crop only, then conversion to
-    float32 and normalisation. Global crops beyond the second reuse the second's recipe.
+    Each crop: random resized crop (bicubic, antialiased), horizontal flip, colour jitter (DINO's
+    brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1: ``color_jitter``) with p = 0.8, grayscale
+    with p = 0.2, Gaussian blur (DINO's sigma in [0.1, 2.0] px: ``blur_sigma``) with p = 1.0 on the
+    first global crop, 0.1 on the second and 0.5 on local crops (a separable kernel of three sigmas
+    each side, see `gaussian_blur`), solarisation (threshold 128) with p = 0.2 (``solarization_prob``)
+    on the second global crop only, then conversion to float32 and normalisation. Global crops beyond
+    the second reuse the second's recipe.
+
+    The defaults are DINO's (official ``datasets/build.py:203-251``, ``utils.py:47``), tuned for
+    224 / 96 px crops of natural images. Crops of another scale or data of another kind may need
+    others: a 2 px blur erases 4 px details of a 32 px crop, and solarisation turns light cells dark.
 
     The random operations run on uint8 tensors (a PIL input is converted first), so PIL and tensor
     inputs of the same pixels follow the same path. See the module docstring for seeding.
@@ -184,6 +212,10 @@ class MultiCropAugmentation:
         global_scale: area fraction range of the global crops.
         local_scale: area fraction range of the local crops.
         mean, std: per-channel normalisation.
+        color_jitter: ``(brightness, contrast, saturation, hue)`` of torchvision's ``ColorJitter``
+            (each >= 0, hue <= 0.5: 0.5 draws the hue shift from the whole colour circle).
+        blur_sigma: ``(low, high)``: the Gaussian blur's std range in pixels of the output crop.
+        solarization_prob: probability of solarising the second global crop, in [0, 1] (0: never).
 
     Call:
         ``aug(image)`` with a PIL image (any mode) or a uint8 tensor [C, H, W] / [H, W] returns a list of
@@ -208,6 +240,9 @@ class MultiCropAugmentation:
         local_scale: Sequence[float] = (0.05, 0.4),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        color_jitter: Sequence[float] = DINO_COLOR_JITTER,
+        blur_sigma: Sequence[float] = DINO_BLUR_SIGMA,
+        solarization_prob: float = DINO_SOLARIZATION_PROB,
     ) -> None:
         self.global_size = _check_size("global_size", global_size)
         self.local_size = _check_size("local_size", local_size)
@@ -220,31 +255,36 @@ class MultiCropAugmentation:
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ValueError(f"mean and std must have 3 entries (std > 0), got mean={mean!r}, std={std!r}")
         self.mean, self.std = tuple(mean), tuple(std)
+        self.color_jitter = _check_color_jitter(color_jitter)
+        self.blur_sigma = _check_blur_sigma(blur_sigma)
+        if isinstance(solarization_prob, bool) or not 0.0 <= float(solarization_prob) <= 1.0:
+            raise ValueError(f"solarization_prob must lie in [0, 1], got {solarization_prob!r}")
+        self.solarization_prob = float(solarization_prob)
 
         self.to_rgb = ToRGBImage()
         finish = _to_float_normalised(self.mean, self.std)
-        self.global_first = self._crop(
-            self.global_size, self.global_scale, blur_p=1.0, solarize_p=0.0, finish=finish
-        )
+        self.global_first = self._crop(self.global_size, self.global_scale, blur_p=1.0, solarize_p=0.0, finish=finish)
         self.global_other = self._crop(
-            self.global_size, self.global_scale, blur_p=0.1, solarize_p=0.2, finish=finish
+            self.global_size, self.global_scale, blur_p=0.1, solarize_p=self.solarization_prob, finish=finish
         )
         self.local = self._crop(self.local_size, self.local_scale, blur_p=0.5, solarize_p=0.0, finish=finish)
 
-    @staticmethod
     def _crop(
-        size: int, scale: tuple[float, float], *, blur_p: float, solarize_p: float, finish: list
+        self, size: int, scale: tuple[float, float], *, blur_p: float, solarize_p: float, finish: list
     ) -> v2.Compose:
+        brightness, contrast, saturation, hue = self.color_jitter
         steps: list = [
             v2.RandomResizedCrop(
                 size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True
             ),
             v2.RandomHorizontalFlip(p=0.5),
-            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            v2.RandomApply(
+                [v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)], p=0.8
+            ),
             v2.RandomGrayscale(p=0.2),
         ]
         if blur_p > 0:
-            steps.append(RandomGaussianBlur(p=blur_p, sigma=_BLUR_SIGMA))
+            steps.append(RandomGaussianBlur(p=blur_p, sigma=self.blur_sigma))
         if solarize_p > 0:
             steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
         return v2.Compose(steps + finish)
@@ -265,7 +305,8 @@ class MultiCropAugmentation:
         return (
             f"{type(self).__name__}(global_size={self.global_size}, local_size={self.local_size}, "
             f"n_global={self.n_global}, n_local={self.n_local}, global_scale={self.global_scale}, "
-            f"local_scale={self.local_scale})"
+            f"local_scale={self.local_scale}, color_jitter={self.color_jitter}, blur_sigma={self.blur_sigma}, "
+            f"solarization_prob={self.solarization_prob})"
         )
 
 

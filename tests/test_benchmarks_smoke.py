@@ -144,6 +144,37 @@ def test_compare_presets_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_stage_smoke(tmp_path):
+    work, out = tmp_path / "runs", tmp_path / "two_stage.json"
+    common = ["--smoke", "--epochs", "1", "--seeds", "2", "--contenders", "dino", "cmd", "--work_dir", str(work)]
+    # lanes: stage 1 and stage 2 in one process, the runs from scratch in another, then the tables
+    _run("two_stage.py", *common, "--arms", "stage1", "from_stage1", timeout=600)
+    _run("two_stage.py", *common, "--arms", "scratch", timeout=600)
+    result = _run("two_stage.py", *common, "--no_train", "--out", str(out))
+    data = json.loads(out.read_text())
+    stage1 = data["stage1"]
+    assert Path(stage1["checkpoint"]).is_file() and "--recipe" in stage1["argv"] and "broad" in stage1["argv"]
+    scratch, staged = data["scratch"]["runs"], data["from_stage1"]["runs"]
+    assert len(scratch) == len(staged) == 4
+    # stage 2 starts from the stage-1 backbone: other initial weights than from scratch, the same for every
+    # contender of a seed, and the same for every seed (one stage-1 checkpoint)
+    assert {r["init_sha256"] for r in staged}.isdisjoint({r["init_sha256"] for r in scratch})
+    assert len({r["init_sha256"] for r in staged}) == 1 and len({r["init_sha256"] for r in scratch}) == 2
+    assert data["from_stage1"]["options"][-2:] == ["--init", stage1["checkpoint"]]
+    # the effect rows: from stage 1 minus from scratch, per seed
+    effect = {e["contender"]: e for e in data["stage1_effect"]}
+    assert set(effect) == {"dino", "cmd"}
+    by = {(r["contender"], r["seed"]): r["knn_after"] for r in staged}
+    ref = {(r["contender"], r["seed"]): r["knn_after"] for r in scratch}
+    assert effect["cmd"]["differences"] == [by[("cmd", s)] - ref[("cmd", s)] for s in (0, 1)]
+    assert "stage 1's effect" in result.stdout and "cmd | " in result.stdout
+    # a stage 2 without its stage 1 is refused, naming what to run
+    missing = subprocess.run([sys.executable, str(BENCH / "two_stage.py"), *common[:-1], str(tmp_path / "other"),
+                              "--no_train"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "--arms stage1" in missing.stderr
+
+
+@pytest.mark.slow
 def test_bench_checkpoint_verify_smoke(tmp_path):
     out = tmp_path / "verify.json"
     result = _run("bench_checkpoint_verify.py", "--mib", "2", "--repeats", "1", "--out", str(out))

@@ -154,6 +154,62 @@ def test_gaussian_blur_matches_2d_convolution_loop():
     assert torch.equal(gaussian_blur(image[:, :1, :1], 2.0), image[:, :1, :1])  # too small to blur
 
 
+def _jitter(pipeline) -> v2.ColorJitter:
+    return next(t for t in pipeline.transforms if isinstance(t, v2.RandomApply)).transforms[0]
+
+
+def test_photometric_defaults_are_dinos():
+    aug = MultiCropAugmentation(**SMALL)
+    for pipeline in (aug.global_first, aug.global_other, aug.local):
+        jitter = _jitter(pipeline)
+        assert (jitter.brightness, jitter.contrast, jitter.saturation) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2))
+        assert jitter.hue == (-0.1, 0.1)
+        assert next(t for t in pipeline.transforms if isinstance(t, RandomGaussianBlur)).sigma == (0.1, 2.0)
+
+
+def test_photometric_options_reach_every_crop():
+    aug = MultiCropAugmentation(**SMALL, color_jitter=(0.1, 0.0, 0.3, 0.5), blur_sigma=(0.02, 0.3),
+                                solarization_prob=0.0)
+    for pipeline in (aug.global_first, aug.global_other, aug.local):
+        jitter = _jitter(pipeline)
+        assert jitter.brightness == (0.9, 1.1) and jitter.contrast is None and jitter.saturation == (0.7, 1.3)
+        assert jitter.hue == (-0.5, 0.5)  # the whole colour circle
+        assert next(t for t in pipeline.transforms if isinstance(t, RandomGaussianBlur)).sigma == (0.02, 0.3)
+        assert not any(isinstance(t, v2.RandomSolarize) for t in pipeline.transforms)
+    solarized = MultiCropAugmentation(**SMALL, solarization_prob=1.0)
+    assert next(t for t in solarized.global_other.transforms if isinstance(t, v2.RandomSolarize)).p == 1.0
+    assert "color_jitter=(0.1, 0.0, 0.3, 0.5)" in repr(aug) and "solarization_prob=0.0" in repr(aug)
+
+
+def test_solarization_prob_one_solarizes_the_second_global_crop():
+    # a flat bright image: solarisation (threshold 128) maps 200 to 55; jitter, grayscale and blur keep it flat
+    image = torch.full((3, 20, 20), 200, dtype=torch.uint8)
+    plain = dict(**SMALL, n_local=0, color_jitter=(0, 0, 0, 0), mean=(0, 0, 0), std=(1, 1, 1))
+    torch.manual_seed(0)
+    first, second = MultiCropAugmentation(**plain, solarization_prob=1.0)(image)
+    assert torch.allclose(first, torch.full_like(first, 200 / 255), atol=2 / 255)
+    assert torch.allclose(second, torch.full_like(second, 55 / 255), atol=2 / 255)
+    torch.manual_seed(0)
+    _, kept = MultiCropAugmentation(**plain, solarization_prob=0.0)(image)
+    assert torch.allclose(kept, torch.full_like(kept, 200 / 255), atol=2 / 255)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"color_jitter": (0.4, 0.4, 0.2)}, "color_jitter"),
+    ({"color_jitter": (0.4, 0.4, 0.2, 0.6)}, "hue <= 0.5"),
+    ({"color_jitter": (-0.1, 0.4, 0.2, 0.1)}, "color_jitter"),
+    ({"color_jitter": (float("nan"), 0.4, 0.2, 0.1)}, "color_jitter"),
+    ({"blur_sigma": (0.0, 1.0)}, "blur_sigma"),
+    ({"blur_sigma": (2.0, 1.0)}, "blur_sigma"),
+    ({"blur_sigma": (0.1, float("inf"))}, "blur_sigma"),
+    ({"solarization_prob": 1.5}, "solarization_prob"),
+    ({"solarization_prob": True}, "solarization_prob"),
+])
+def test_bad_photometric_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiCropAugmentation(**SMALL, **kwargs)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="global_size"):
         MultiCropAugmentation(global_size=0)

@@ -67,7 +67,8 @@ __all__ = [
 
 DATASETS = ("synthetic", "digits", "cub", "cars", "aircraft", "imagefolder")
 FILELESS_DATASETS = ("synthetic", "digits")  # no --data_path
-SYNTHETIC_DIFFICULTIES = ("hard", "medium", "easy", "demo")  # cmd.data.synthetic.DIFFICULTIES (--help stays torch-free)
+# cmd.data.synthetic.DIFFICULTIES and "broad" (cmd.data.SyntheticBroad); spelled out so --help stays torch-free
+SYNTHETIC_DIFFICULTIES = ("hard", "medium", "easy", "demo", "broad")
 OPT_PATH, OPT_INT, OPT_JSON = optional(path), optional(POSITIVE), optional(json_object)
 
 
@@ -96,7 +97,9 @@ def _data_options(default_difficulty: str) -> dict[str, Any]:
             "data", "preset of the synthetic data (cmd.SyntheticFineGrained): hard = a 4 x 4-cell part on 20 % of "
             "the side (the method benchmark); medium = a 3 x 3-cell part on 30 % of the side with clutter (random "
             "init near chance, learnable with labels in a CPU budget); easy = a 3 x 3-cell part on 40 % of the side; "
-            "demo = easy without clutter, on a calm background (what self-supervision learns visibly on a CPU)", text,
+            "demo = easy without clutter, on a calm background (what self-supervision learns visibly on a CPU); "
+            "broad = all four kinds of scene with 4 x 4-cell parts, --synthetic_classes (a multiple of 4) shared "
+            "among them (cmd.SyntheticBroad: the generic data of a two-stage protocol's first stage)", text,
             default=default_difficulty, choices=SYNTHETIC_DIFFICULTIES),
         synthetic_class_hue=option("data", "0..1: how strongly the object's hue follows the class (a global cue); "
                                    "null: the preset's", optional(float_range(0.0, 1.0)), default=None),

@@ -488,8 +488,7 @@ def supervised_reference(args: argparse.Namespace, device: torch.device, steps: 
     """
     torch.manual_seed(args.seed)  # the student's initial weights
     backbone = build_network(args).backbone.to(device)
-    one_crop = _OneCrop(cmd.MultiCropAugmentation(global_size=args.global_size, local_size=args.local_size,
-                                                  n_global=1, n_local=0, global_scale=tuple(args.global_crops_scale)))
+    one_crop = _OneCrop(training.build_multicrop(args, n_global=1, n_local=0))
     data = build_data(args, "train", one_crop)
     num_classes = len(data.classes) if hasattr(data, "classes") else int(max(data.targets)) + 1
     loader = DataLoader(data, batch_size=args.batch_size_per_gpu, shuffle=True, drop_last=True,

@@ -264,7 +264,7 @@ RESUME_POLICY: dict[str, str] = {
     **dict.fromkeys(("batch_size_per_gpu", "world_size", "seed", "dataset", "data_path", "synthetic_classes",
                      "synthetic_per_class", "synthetic_image_size", "synthetic_difficulty", "synthetic_class_hue",
                      "synthetic_clutter", "global_size", "local_size", "local_crops_number", "global_crops_scale",
-                     "local_crops_scale"), "epoch"),
+                     "local_crops_scale", "color_jitter", "blur_sigma", "solarization_prob"), "epoch"),
     **dict.fromkeys(("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "weight_decay_end",
                      "momentum_teacher", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs",
                      "student_temp", "centering", "center_momentum", "koleo_weight", "image_weight",

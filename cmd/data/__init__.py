@@ -3,6 +3,7 @@
 Every dataset yields ``(image, label)`` with an RGB PIL image (or ``transform(image)``), like
 torchvision's datasets, and exposes ``classes``, ``targets`` and ``num_classes``.
 [`SyntheticFineGrained`][cmd.data.SyntheticFineGrained] needs no files and is the default data of the examples and tests;
+[`SyntheticBroad`][cmd.data.SyntheticBroad] is its broad counterpart for a two-stage protocol's generic stage;
 [`Digits`][cmd.data.Digits] (scikit-learn's bundled handwritten digits) is a small real-image set that needs no download.
 
 Example:
@@ -20,6 +21,7 @@ from .digits import Digits
 from .image_list import ImageListDataset, load_rgb
 from .registry import DATASETS, build_dataset
 from .synthetic import SyntheticFineGrained, SyntheticSample
+from .synthetic_broad import SyntheticBroad
 
 __all__ = [
     "CUB200",
@@ -30,4 +32,5 @@ __all__ = [
     "build_dataset",
     "SyntheticFineGrained",
     "SyntheticSample",
+    "SyntheticBroad",
 ]

@@ -138,7 +138,8 @@ def _shown(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} {v}" for k, v in value.items()) or "{}"
     if isinstance(value, list | tuple):
-        return "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        sep = "-" if len(value) == 2 else ", "  # a range MIN-MAX, else a list
+        return sep.join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

@@ -189,6 +189,8 @@ POSITIVE_FLOAT = float_range(0.0, low_open=True)
 NON_NEGATIVE_FLOAT = float_range(0.0)
 FRACTION = float_range(0.0, 1.0)
 CROP_SCALE = values(float_range(0.0, 1.0, low_open=True), 2)
+COLOR_JITTER = values(NON_NEGATIVE_FLOAT, 4)
+BLUR_SIGMA = values(POSITIVE_FLOAT, 2)
 
 
 # --------------------------------------------------------------------------------------------- fields
@@ -303,6 +305,16 @@ class Config:
         "data", "area range of the global crops, 0 < MIN <= MAX <= 1", CROP_SCALE, nargs=2, metavar=("MIN", "MAX"))
     local_crops_scale: tuple[float, float] = option(
         "data", "area range of the local crops, 0 < MIN <= MAX <= 1", CROP_SCALE, nargs=2, metavar=("MIN", "MAX"))
+    color_jitter: tuple[float, float, float, float] = option(
+        "data", "colour jitter of every crop (applied with p 0.8), torchvision's ColorJitter: brightness, "
+        "contrast, saturation >= 0 and hue in [0, 0.5] (0.5: a hue shift from the whole colour circle); "
+        "DINO: 0.4 0.4 0.2 0.1", COLOR_JITTER, nargs=4, metavar=("BRIGHTNESS", "CONTRAST", "SATURATION", "HUE"))
+    blur_sigma: tuple[float, float] = option(
+        "data", "std range, in pixels of the crop, of the Gaussian blur (p 1 on the first global crop, 0.1 on "
+        "the second, 0.5 on local crops), 0 < MIN <= MAX; DINO: 0.1 2.0 for 224 / 96 px crops", BLUR_SIGMA,
+        nargs=2, metavar=("MIN", "MAX"))
+    solarization_prob: float = option("data", "probability of solarising the second global crop, in [0, 1]; "
+                                      "DINO: 0.2", FRACTION)
     saveckp_freq: int = option("run", "also keep checkpoint{epoch:04}.pth every N epochs; 0: off", NON_NEGATIVE)
 
     def __post_init__(self) -> None:
@@ -319,6 +331,16 @@ class Config:
             low, high = getattr(self, name)
             if low > high:
                 raise OptionError(name, f"must be increasing (MIN <= MAX), got {low:g} {high:g}")
+        if self.blur_sigma[0] > self.blur_sigma[1]:
+            raise OptionError("blur_sigma", f"must be increasing (MIN <= MAX), got {self.blur_sigma[0]:g} "
+                              f"{self.blur_sigma[1]:g}")
+        if (getattr(self, "dataset", None) == "synthetic" and getattr(self, "synthetic_difficulty", None) == "broad"
+                and getattr(self, "synthetic_classes", 4) % 4):
+            raise OptionError("synthetic_classes", "the broad synthetic data shares its classes among 4 kinds of "
+                              f"scene: a multiple of 4, got {self.synthetic_classes}")
+        if self.color_jitter[3] > 0.5:
+            raise OptionError("color_jitter", f"the hue jitter must be <= 0.5 (a half turn of the colour circle), "
+                              f"got {self.color_jitter[3]:g}")
         if self.koleo_weight > 0 and self.batch_size_per_gpu < 2:
             raise OptionError("koleo_weight", "KoLeo needs at least 2 images per process (the nearest neighbour "
                               f"within the batch), got --batch_size_per_gpu {self.batch_size_per_gpu}")

@@ -65,7 +65,9 @@ def build_data(cfg: Any, split: str, transform: Callable[[Any], Any] | None = No
     Reads ``dataset``, ``data_path``, and for ``dataset == "synthetic"`` ``synthetic_classes``,
     ``synthetic_per_class``, ``synthetic_image_size``, ``seed`` (and, when present,
     ``synthetic_difficulty``, ``synthetic_class_hue``, ``synthetic_clutter``). ``synthetic`` goes
-    to `cmd.SyntheticFineGrained` (e.g. ``return_part_mask=True``). ``dataset == "digits"`` is
+    to `cmd.SyntheticFineGrained` (e.g. ``return_part_mask=True``); ``synthetic_difficulty == "broad"``
+    builds `cmd.SyntheticBroad` instead (``synthetic_classes`` over four scene kinds: the broad data of a
+    two-stage protocol's first stage). ``dataset == "digits"`` is
     `cmd.data.Digits` at 32 px, its stratified split drawn by ``seed`` (no ``data_path``).
 
     Returns:
@@ -75,8 +77,15 @@ def build_data(cfg: Any, split: str, transform: Callable[[Any], Any] | None = No
         ValueError: a file-based dataset without ``data_path``, or a malformed folder.
         FileNotFoundError: the split does not exist under ``data_path``.
     """
-    from cmd.data import Digits, SyntheticFineGrained, build_dataset
+    from cmd.data import Digits, SyntheticBroad, SyntheticFineGrained, build_dataset
 
+    if cfg.dataset == "synthetic" and getattr(cfg, "synthetic_difficulty", None) == "broad":
+        overrides = [name for name in ("synthetic_class_hue", "synthetic_clutter") if getattr(cfg, name, None) is not None]
+        if overrides:
+            raise ValueError(f"synthetic_difficulty 'broad' mixes four preset scene kinds; it takes no {overrides}")
+        return SyntheticBroad(n_classes=cfg.synthetic_classes, n_per_class=cfg.synthetic_per_class,
+                              image_size=cfg.synthetic_image_size, split=split, seed=cfg.seed, transform=transform,
+                              **synthetic)
     if cfg.dataset == "synthetic":
         return SyntheticFineGrained(
             n_classes=cfg.synthetic_classes, n_per_class=cfg.synthetic_per_class,
@@ -94,16 +103,21 @@ def build_data(cfg: Any, split: str, transform: Callable[[Any], Any] | None = No
     return build_dataset(cfg.dataset, cfg.data_path, split, transform)
 
 
-def build_multicrop(cfg: Any) -> MultiCropAugmentation:
+def build_multicrop(cfg: Any, *, n_global: int = N_GLOBAL_CROPS, n_local: int | None = None) -> MultiCropAugmentation:
     """DINO's multi-crop augmentation: 2 global crops and ``cfg.local_crops_number`` local crops.
 
     Reads ``global_size``, ``local_size``, ``local_crops_number``, ``global_crops_scale``,
-    ``local_crops_scale``. The result maps an image to a list of ``2 + L`` tensors ``[3, H, W]``.
+    ``local_crops_scale`` and, when present, ``color_jitter``, ``blur_sigma`` and
+    ``solarization_prob`` (DINO's values when absent). The result maps an image to a list of
+    ``n_global + n_local`` tensors ``[3, H, W]``; ``n_global=1, n_local=0`` gives the first global
+    crop alone (the supervised reference's augmentation).
     """
+    photometric = {name: getattr(cfg, name) for name in ("color_jitter", "blur_sigma", "solarization_prob")
+                   if getattr(cfg, name, None) is not None}
     return MultiCropAugmentation(
-        global_size=cfg.global_size, local_size=cfg.local_size, n_global=N_GLOBAL_CROPS,
-        n_local=cfg.local_crops_number, global_scale=tuple(cfg.global_crops_scale),
-        local_scale=tuple(cfg.local_crops_scale),
+        global_size=cfg.global_size, local_size=cfg.local_size, n_global=n_global,
+        n_local=cfg.local_crops_number if n_local is None else n_local, global_scale=tuple(cfg.global_crops_scale),
+        local_scale=tuple(cfg.local_crops_scale), **photometric,
     )
 
 

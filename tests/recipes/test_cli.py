@@ -35,13 +35,23 @@ OLD_DEFAULTS = {
     "no_progress": False, "logger": "csv",
 }
 NEW_KEYS = {"drop_path": 0.0, "recipe": "demo", "recipe_source": "default for --dataset synthetic"}
+# the photometric augmentation became options (issue 23): before, every run used DINO's implicitly
+# (jitter 0.4 0.4 0.2 0.1, blur 0.1-2 px, solarisation 0.2); the demo now sets values for its 32 px crops
+PHOTOMETRIC_BEFORE = {"color_jitter": (0.4, 0.4, 0.2, 0.1), "blur_sigma": (0.1, 2.0), "solarization_prob": 0.2}
+PHOTOMETRIC_DEMO = {"color_jitter": (0.4, 0.4, 0.2, 0.5), "blur_sigma": (0.015, 0.3), "solarization_prob": 0.0}
 
 
 def test_demo_resolves_exactly_to_the_old_defaults():
     args = vars(parse_pretrain_args([]))
     # the old defaults also passed stem_width 16, which timm's ResNet ignores without a deep stem (no-op, dropped)
     old = {**OLD_DEFAULTS, "backbone_kwargs": {"channels": [16, 32, 64, 128], "output_stride": 8}}
-    assert {k: v for k, v in args.items() if k not in NEW_KEYS} == old
+    assert {k: v for k, v in args.items() if k not in NEW_KEYS and k not in PHOTOMETRIC_DEMO} == old
+    assert {k: args[k] for k in PHOTOMETRIC_DEMO} == PHOTOMETRIC_DEMO
+    # the library's augmentation keeps DINO's values for everyone else
+    from cmd.transforms import MultiCropAugmentation
+
+    default = MultiCropAugmentation(global_size=32, local_size=16)
+    assert {k: getattr(default, k) for k in PHOTOMETRIC_BEFORE} == PHOTOMETRIC_BEFORE
     assert {k: args[k] for k in NEW_KEYS} == NEW_KEYS  # drop path 0: timm's resnet18 default, the same model
     assert vars(parse_pretrain_args(["--recipe", "demo"])) == {**args, "recipe_source": "--recipe"}
 

@@ -62,6 +62,9 @@ GOLDEN: dict[str, tuple[object, str]] = {
     "local_crops_number": (8, "main_esvit.py:136"),
     "global_crops_scale": ((0.4, 1.0), "main_esvit.py:132"),
     "local_crops_scale": ((0.05, 0.4), "main_esvit.py:139"),
+    "color_jitter": ((0.4, 0.4, 0.2, 0.1), "datasets/build.py:209 ColorJitter(0.4, 0.4, 0.2, 0.1), p 0.8"),
+    "blur_sigma": ((0.1, 2.0), "utils.py:47 GaussianBlur(radius_min=0.1, radius_max=2.)"),
+    "solarization_prob": (0.2, "datasets/build.py:231 Solarization(0.2), second global crop"),
     "saveckp_freq": (30, "train_nfg.bat:5 --saveckp_freq 30"),
 }
 # what `paper` sets differently from the official code, by design (docs/differences.md)
