@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "same runs from random weights); the tables need all three cached")
     parser.add_argument("--contenders", nargs="+", choices=[*compare_presets.CONTENDERS, compare_presets.SUPERVISED],
                         default=list(compare_presets.DEFAULT_CONTENDERS))
+    parser.add_argument("--scratch_contenders", nargs="+", choices=[*compare_presets.CONTENDERS,
+                                                                   compare_presets.SUPERVISED], default=None,
+                        help="the contenders of the scratch arm, when they are not --contenders (e.g. only cmd, "
+                             "to measure stage 1's effect on one method at a lower cost)")
     parser.add_argument("--seeds", type=int, default=5, help="stage-2 seeds 0 .. N-1")
     parser.add_argument("--seed_list", type=int, nargs="+", default=None, help="these stage-2 seeds instead")
     parser.add_argument("--stage1_seed", type=int, default=0, help="seed of the one stage-1 run")
@@ -138,14 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
                              "run --arms stage1 first")
         print(f"stage 1 ({STAGE1_RECIPE} recipe, broad data, {stage1['steps']} steps, {stage1['train_time_s']:.0f} s): "
               f"k-NN on its own test split {stage1['knn_before']:.2f} -> {stage1['knn_after']:.2f} %")
-    common = ["--setting", opts.setting, "--contenders", *opts.contenders]
+    common = ["--setting", opts.setting]
     common += ["--seed_list", *map(str, opts.seed_list)] if opts.seed_list else ["--seeds", str(opts.seeds)]
     common += [*(["--smoke"] if opts.smoke else []), *(["--epochs", str(opts.epochs)] if opts.epochs else [])]
     results = {}
     for arm in ("scratch", "from_stage1"):
         if arm not in arms:
             continue
-        arm_argv = [*common, "--work_dir", str(work_dir / arm), "--out", str(work_dir / f"{arm}_{opts.setting}.json")]
+        contenders = opts.scratch_contenders if arm == "scratch" and opts.scratch_contenders else opts.contenders
+        arm_argv = [*common, "--contenders", *contenders, "--work_dir", str(work_dir / arm),
+                    "--out", str(work_dir / f"{arm}_{opts.setting}.json")]
         if not train:
             arm_argv.append("--no_train")
         if arm == "from_stage1":
