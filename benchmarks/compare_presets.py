@@ -206,6 +206,11 @@ def map_at_100(backbone: torch.nn.Module, args) -> float:
     return float(metrics["mAP@100"])
 
 
+def read_epoch_log(out_dir: Path) -> list[dict]:
+    """The per-epoch records of a finished run (its ``log.jsonl``), in order."""
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _cached(cache: Path, argv: list[str]) -> dict | None:
     if not cache.is_file():
         return None
@@ -248,7 +253,7 @@ def run_self_supervised(name: str, seed: int, argv: list[str], out_dir: Path) ->
     args = SimpleNamespace(**read_checkpoint(out_dir / "checkpoint.pth")["args"])  # the run's resolved options
     net = _teacher(args, out_dir)
     localisation = part_localisation(net, args)
-    epochs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    epochs = read_epoch_log(out_dir)
     last = epochs[-1]
     before, after = epochs[0].get("knn_top1_before"), last["knn_top1"]
     return {

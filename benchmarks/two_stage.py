@@ -29,10 +29,10 @@ test: report whichever way it comes out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+from statistics import fmean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_presets  # noqa: E402
@@ -63,7 +63,7 @@ def run_stage1(work_dir: Path, seed: int, smoke: bool, train: bool = True) -> di
     t0 = time.perf_counter()
     compare_presets._pretrain(argv)
     elapsed = time.perf_counter() - t0
-    epochs = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    epochs = compare_presets.read_epoch_log(out_dir)
     record = {"checkpoint": str(out_dir / "checkpoint.pth"), "argv": argv, "train_time_s": elapsed,
               "steps": epochs[-1]["step"], "knn_before": epochs[0].get("knn_top1_before"),
               "knn_after": epochs[-1].get("knn_top1"), "rankme": epochs[-1].get("rankme"),
@@ -97,9 +97,8 @@ def print_effect(effect: list[dict]) -> None:
     print("contender | start: scratch -> stage 1 | final: scratch -> stage 1 | per seed | mean | 95 % CI (t) | "
           "95 % bootstrap")
     for e in effect:
-        mean = lambda v: sum(v) / len(v)  # noqa: E731
-        print(f"{e['contender']} | {mean(e['start_scratch']):.2f} -> {mean(e['start_stage1']):.2f} | "
-              f"{mean(e['scratch']):.2f} -> {mean(e['from_stage1']):.2f} | "
+        print(f"{e['contender']} | {fmean(e['start_scratch']):.2f} -> {fmean(e['start_stage1']):.2f} | "
+              f"{fmean(e['scratch']):.2f} -> {fmean(e['from_stage1']):.2f} | "
               f"{', '.join(sign(d) for d in e['differences'])} | {sign(e['mean'])} | "
               f"[{sign(e['ci_low'])}, {sign(e['ci_high'])}] | [{sign(e['boot_low'])}, {sign(e['boot_high'])}]")
 

@@ -48,9 +48,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # DINO's photometric augmentation (official utils.py:47 and datasets/build.py:209-231): the Gaussian blur's
 # sigma range (PIL radius 0.1 - 2.0 px), the colour jitter (brightness, contrast, saturation, hue) and the
 # solarisation probability of the second global crop.
-_BLUR_SIGMA = (0.1, 2.0)
 DINO_COLOR_JITTER: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
-DINO_BLUR_SIGMA: tuple[float, float] = _BLUR_SIGMA
+DINO_BLUR_SIGMA: tuple[float, float] = (0.1, 2.0)
 DINO_SOLARIZATION_PROB = 0.2
 
 
@@ -134,7 +133,7 @@ class RandomGaussianBlur:
         torch.Size([3, 8, 8])
     """
 
-    def __init__(self, p: float, sigma: tuple[float, float] = _BLUR_SIGMA) -> None:
+    def __init__(self, p: float, sigma: tuple[float, float] = DINO_BLUR_SIGMA) -> None:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"p must lie in [0, 1], got {p}")
         if not 0.0 < sigma[0] <= sigma[1]:
