@@ -5,16 +5,22 @@ Reads finished runs of ``cmd-fgvc pretrain`` (each a folder with ``log.jsonl``, 
 minus the top-1 before training, points), the final epoch's teacher entropy over log K, batch-mean
 entropy over log K, teacher-student KL, RankMe of the teacher's image vectors (and its ratio to the
 first epoch's), and whether the collapse warning fires, replaying on the run's ``steps.csv`` (every
-``--log_every`` steps) both the rule before issue 23 (``H(P_t) >= 0.9 log K``) and the current
-`cmd.diagnose_collapse`. Then the Spearman rank correlation of each signal with the gain over all
-runs. Prints a table, writes JSON and a PNG (each signal against the gain)::
+``--log_every`` steps) each uniform threshold the library has had (``H(P_t) >= 0.9 log K`` before
+issue 23, ``0.97 log K`` after its first calibration) and the current `cmd.diagnose_collapse`. Then
+the Spearman rank correlation of each signal with the gain, over all runs and within each group.
+Prints a table per run and one per group, writes JSON and a PNG (each signal against the gain)::
 
-    python benchmarks/collapse_calibration.py --runs seed0=/tmp/seeds/s0 seed1=/tmp/seeds/s1 ... \\
+    python benchmarks/collapse_calibration.py --runs demo/seed0=/tmp/seeds/s0 demo/seed1=/tmp/seeds/s1 ... \\
         --json benchmarks/results/collapse_calibration.json --out docs/assets/collapse_calibration.png
+    python benchmarks/collapse_calibration.py --runs 'medium-scratch=outputs/compare/medium/*_seed*' ...
 
-A run name ending in ``!`` marks a run built to collapse (drawn in red; the warning must fire), one
-ending in ``~`` a run stopped before its last epoch (its gain is that of its last k-NN; it is left out
-of the second correlation, over the finished runs only).
+A run's group is its name up to the first ``/`` (``runs`` without one): gains are compared within a
+group (the same data and budget) as well as over all runs. A ``DIR`` with ``*``, ``?`` or ``[``
+is a pattern: every folder it matches that holds a ``log.jsonl`` is a run named ``NAME/FOLDER``
+(group ``NAME``; folders without one, e.g. `compare_presets.py`'s supervised reference, are
+skipped and listed). A run name ending in ``!`` marks a run built to collapse (drawn in red; the
+warning must fire), one ending in ``~`` a run stopped before its last epoch (its gain is that of its
+last k-NN; it is left out of the correlations over the finished runs only).
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ import numpy as np
 
 import cmd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_specs import expand_all  # noqa: E402
+
 OLD_UNIFORM_TOLERANCE = 0.1  # the rule before issue 23: uniform when H(P_t) >= 0.9 log K
+PREVIOUS_UNIFORM_TOLERANCE = 0.03  # issue 23's first calibration: uniform when H(P_t) >= 0.97 log K
 
 SIGNALS = {  # name -> (label, key of a run's row)
     "entropy_ratio": ("final H(P_t) / log K", "entropy_ratio"),
@@ -82,14 +92,28 @@ def replay(steps: list[dict[str, float]], out_dim: int, rule) -> str | None:
     return None
 
 
+def threshold_rule(out_dim: int, uniform_tolerance: float):
+    """`cmd.diagnose_collapse` with another uniform threshold, ``(1 - uniform_tolerance) log K``."""
+    return lambda h, hb: cmd.diagnose_collapse(h, hb, out_dim, uniform_tolerance=uniform_tolerance)
+
+
 def old_rule(out_dim: int):
-    log_k = math.log(out_dim)
-    return lambda h, hb: ("uniform" if h >= (1 - OLD_UNIFORM_TOLERANCE) * log_k
-                          else "one_hot" if hb <= 0.1 * log_k else None)
+    return threshold_rule(out_dim, OLD_UNIFORM_TOLERANCE)
+
+
+def previous_rule(out_dim: int):
+    return threshold_rule(out_dim, PREVIOUS_UNIFORM_TOLERANCE)
 
 
 def new_rule(out_dim: int):
     return lambda h, hb: cmd.diagnose_collapse(h, hb, out_dim)
+
+
+RULES = {  # JSON key -> (column title, rule factory)
+    "flag_old_rule": ("0.9 log K", old_rule),
+    "flag_previous_rule": ("0.97 log K", previous_rule),
+    "flag_new_rule": ("now", new_rule),
+}
 
 
 def spearman_table(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -113,7 +137,8 @@ def summarise(name: str, folder: Path) -> dict:
     rows = rows[: rows.index(last) + 1]
     rankmes = [r.get("rankme") for r in rows]
     return {
-        "run": name.rstrip("!~"), "built_to_collapse": name.endswith("!"), "stopped_early": name.endswith("~"),
+        "run": name.rstrip("!~"), "group": name.split("/", 1)[0] if "/" in name else "runs",
+        "built_to_collapse": name.endswith("!"), "stopped_early": name.endswith("~"),
         "folder": str(folder),
         "epochs": len(rows), "knn_before": before, "knn_after": last.get("knn_top1"),
         "gain": last["knn_top1"] - before, "best_gain": max(r.get("knn_top1", -1e9) for r in rows) - before,
@@ -123,10 +148,26 @@ def summarise(name: str, folder: Path) -> dict:
         "rankme_per_epoch": rankmes, "knn_per_epoch": [r.get("knn_top1") for r in rows],
         "entropy_ratio_per_epoch": [r["teacher_entropy"] / log_k for r in rows],
         "max_step_entropy_ratio": max(s["teacher_entropy"] for s in steps) / log_k,
-        "flag_old_rule": replay(steps, out_dim, old_rule(out_dim)),
-        "flag_new_rule": replay(steps, out_dim, new_rule(out_dim)),
+        **{key: replay(steps, out_dim, factory(out_dim)) for key, (_, factory) in RULES.items()},
         "flag_logged": next((r["collapse"] for r in rows if r.get("collapse")), None),
     }
+
+
+def group_table(runs: list[dict]) -> list[dict]:
+    """Per group: the runs, their gains, the entropy reached by the runs that learned, the flags of each rule."""
+    out = []
+    for group in dict.fromkeys(r["group"] for r in runs):
+        members = [r for r in runs if r["group"] == group]
+        learned = [r for r in members if not r["built_to_collapse"] and r["gain"] >= 5]
+        out.append({
+            "group": group, "n": len(members), "gain_min": min(r["gain"] for r in members),
+            "gain_max": max(r["gain"] for r in members), "n_learned": len(learned),
+            "max_step_entropy_ratio_learned": max((r["max_step_entropy_ratio"] for r in learned), default=None),
+            "flags_learned": {key: sum(bool(r[key]) for r in learned) for key in RULES},
+            "flags_other": {key: sum(bool(r[key]) for r in members if r not in learned) for key in RULES},
+            "spearman_with_gain": spearman_table(members),
+        })
+    return out
 
 
 def plot(runs: list[dict], correlations: dict, out: Path) -> None:
@@ -135,68 +176,95 @@ def plot(runs: list[dict], correlations: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = list(dict.fromkeys(r["group"] for r in runs))
+    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     names = [s for s in SIGNALS if any(r[SIGNALS[s][1]] is not None for r in runs)]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         label, key = SIGNALS[name]
         for r in runs:
             if r[key] is None:
                 continue
-            color = "tab:red" if r["built_to_collapse"] else "tab:blue"
             marker = "x" if r["flag_new_rule"] else "o"
-            ax.scatter(r[key], r["gain"], c=color, marker=marker, s=28)
+            edge = "red" if r["built_to_collapse"] else colors[r["group"]]
+            ax.scatter(r[key], r["gain"], c=[colors[r["group"]]], marker=marker, s=30 if marker == "x" else 22,
+                       edgecolors=[edge] if marker == "o" else None, linewidths=1.2)
         ax.axhline(5, color="grey", lw=0.6, ls=":")
         ax.set_xlabel(label)
         rho = correlations[name]["rho"]
         ax.set_title(f"Spearman {'-' if rho is None else f'{rho:+.2f}'} (n = {correlations[name]['n']})", fontsize=9)
     axes[0][0].set_ylabel("k-NN gain (points)")
-    fig.suptitle("Collapse signals against the k-NN gain (blue: ordinary runs, red: built to collapse, "
-                 "x: warning fires)", fontsize=9)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], ls="", marker="o", color=colors[g], label=g) for g in groups]
+    handles.append(plt.Line2D([], [], ls="", marker="o", mfc="white", mec="red", label="built to collapse"))
+    handles.append(plt.Line2D([], [], ls="", marker="x", color="black", label="warning fires"))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle("Collapse signals of the last epoch against the k-NN gain", fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, out)
 
 
+def _rho(c: dict) -> str:
+    return "-" if c["rho"] is None else f"{c['rho']:+.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", required=True, metavar="NAME=DIR",
-                        help="finished runs (NAME ending in ! : built to collapse)")
+                        help="finished runs (NAME ending in ! : built to collapse; DIR may be a pattern)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/collapse_calibration.json"))
     parser.add_argument("--out", type=Path, default=None, help="PNG of each signal against the gain")
     args = parser.parse_args(argv)
-    runs = []
-    for spec in args.runs:
-        name, _, folder = spec.partition("=")
-        if not folder:
-            parser.error(f"--runs: expected NAME=DIR, got {spec!r}")
-        runs.append(summarise(name, Path(folder)))
+    try:
+        named, skipped = expand_all(args.runs)
+    except ValueError as err:
+        parser.error(str(err))
+    runs = [summarise(name, folder) for name, folder in named]
+    if skipped:
+        print(f"skipped (no log.jsonl): {', '.join(skipped)}")
     ordinary = [r for r in runs if not r["built_to_collapse"]]
     correlations = spearman_table(runs)
     correlations_finished = spearman_table([r for r in runs if not r["stopped_early"]])
-    print("| run | k-NN before -> after (gain) | H(P_t)/log K final (max step) | H(mean P_t)/log K | RankMe "
-          "(final / epoch 1) | old rule | new rule |")
-    print("|---|---|---|---|---|---|---|")
+    rule_titles = " | ".join(title for title, _ in RULES.values())
+    print(f"| run | k-NN before -> after (gain) | H(P_t)/log K final (max step) | H(mean P_t)/log K | "
+          f"KL final | RankMe (final / epoch 1) | {rule_titles} |")
+    print("|---|---|---|---|---|---|" + "---|" * len(RULES))
     for r in runs:
         rk = "-" if r["rankme"] is None else f"{r['rankme']:.1f} ({r['rankme_ratio']:.2f})"
+        kl = "-" if r["teacher_student_kl"] is None else f"{r['teacher_student_kl']:.3f}"
         tag = " (built to collapse)" if r["built_to_collapse"] else f" (stopped, {r['epochs']} ep.)" if r["stopped_early"] else ""
+        flags = " | ".join(r[key] or "-" for key in RULES)
         print(f"| {r['run']}{tag} | {r['knn_before']:.1f} -> "
               f"{r['knn_after']:.1f} ({r['gain']:+.1f}) | {r['entropy_ratio']:.3f} ({r['max_step_entropy_ratio']:.3f}) | "
-              f"{r['batch_entropy_ratio']:.3f} | {rk} | {r['flag_old_rule'] or '-'} | {r['flag_new_rule'] or '-'} |")
+              f"{r['batch_entropy_ratio']:.3f} | {kl} | {rk} | {flags} |")
+    groups = group_table(runs)
+    print(f"\n| group | runs | gain | runs gaining >= 5 | their max step H(P_t)/log K | flagged of those: {rule_titles} "
+          f"| flagged of the others: {rule_titles} | Spearman H(P_t) | Spearman RankMe ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for g in groups:
+        h = g["max_step_entropy_ratio_learned"]
+        print(f"| {g['group']} | {g['n']} | {g['gain_min']:+.1f} to {g['gain_max']:+.1f} | {g['n_learned']} | "
+              f"{'-' if h is None else f'{h:.3f}'} | {' / '.join(str(v) for v in g['flags_learned'].values())} | "
+              f"{' / '.join(str(v) for v in g['flags_other'].values())} | "
+              f"{_rho(g['spearman_with_gain']['entropy_ratio'])} | {_rho(g['spearman_with_gain']['rankme_ratio'])} |")
     print("\nSpearman rank correlation with the k-NN gain: all runs | finished runs")
     for name in SIGNALS:
         a, f = correlations[name], correlations_finished[name]
-        shown = ["-" if c["rho"] is None else f"{c['rho']:+.3f}" for c in (a, f)]
-        print(f"  {SIGNALS[name][0]:28} {shown[0]} (n={a['n']}) | {shown[1]} (n={f['n']})")
-    false_old = [r["run"] for r in ordinary if r["gain"] >= 5 and r["flag_old_rule"]]
-    false_new = [r["run"] for r in ordinary if r["gain"] >= 5 and r["flag_new_rule"]]
+        print(f"  {SIGNALS[name][0]:28} {_rho(a)} (n={a['n']}) | {_rho(f)} (n={f['n']})")
+    false_flags = {key: [r["run"] for r in ordinary if r["gain"] >= 5 and r[key]] for key in RULES}
     missed_new = [r["run"] for r in runs if r["built_to_collapse"] and not r["flag_new_rule"]]
-    print(f"\nflagged although the k-NN rose >= 5 points: old rule {false_old or 'none'}, new rule {false_new or 'none'}")
-    print(f"built to collapse but not flagged by the new rule: {missed_new or 'none'}")
+    for key, (title, _) in RULES.items():
+        print(f"flagged although the k-NN rose >= 5 points, rule {title}: {false_flags[key] or 'none'}")
+    print(f"built to collapse but not flagged by the current rule: {missed_new or 'none'}")
     result = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "runs": runs, "spearman_with_gain": correlations,
+              "uniform_threshold": 1 - cmd.losses.cmd.UNIFORM_TOLERANCE,
+              "runs": runs, "groups": groups, "spearman_with_gain": correlations,
               "spearman_with_gain_finished_runs": correlations_finished,
-              "false_flags_old_rule": false_old, "false_flags_new_rule": false_new, "missed_new_rule": missed_new}
+              "false_flags_old_rule": false_flags["flag_old_rule"],
+              "false_flags_previous_rule": false_flags["flag_previous_rule"],
+              "false_flags_new_rule": false_flags["flag_new_rule"], "missed_new_rule": missed_new,
+              "skipped_without_log": skipped}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")

@@ -119,6 +119,17 @@ def test_compare_presets_smoke(tmp_path):
     assert p["differences"] == [by[("cmd", s)]["knn_after"] - by[("dino", s)]["knn_after"] for s in (0, 1)]
     assert p["ci_low"] <= p["mean"] <= p["ci_high"]
     assert pairs[("cmd", "random-init", "knn_after")]["differences"] == [by[("cmd", s)]["gain"] for s in (0, 1)]
+    # where the cmd runs' MIL pooling puts its weight (mil_weight_map.py reads the same run folders) ...
+    maps = tmp_path / "maps.json"
+    _run("mil_weight_map.py", "--runs", f"cmd={tmp_path / 'runs' / 'demo'}/cmd_seed*", "--json", str(maps))
+    rows = {r["run"]: r for r in json.loads(maps.read_text())["runs"]}
+    assert sorted(rows) == ["cmd/cmd_seed0", "cmd/cmd_seed1"]
+    assert rows["cmd/cmd_seed0"]["part_mass"] == pytest.approx(by[("cmd", 0)]["part_mass"], abs=1e-5)
+    # ... and a run without a trained MIL pooling is refused, not mapped from a fresh one
+    refused = subprocess.run([sys.executable, str(BENCH / "mil_weight_map.py"), "--runs",
+                              f"dino={tmp_path / 'runs' / 'demo' / 'dino_seed0'}", "--json", str(maps)],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode != 0 and "trained no MIL pooling" in refused.stderr
     assert "cmd - esvit" not in result.stdout and "cmd - dino | k-NN after" in result.stdout
     # a finished run is read back, not trained again (the same row, training time included) ...
     again = tmp_path / "again.json"
