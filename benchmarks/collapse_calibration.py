@@ -6,7 +6,8 @@ minus the top-1 before training, points), the final epoch's teacher entropy over
 entropy over log K, teacher-student KL, RankMe of the teacher's image vectors (and its ratio to the
 first epoch's), and whether the collapse warning fires, replaying on the run's ``steps.csv`` (every
 ``--log_every`` steps) each uniform threshold the library has had (``H(P_t) >= 0.9 log K`` before
-issue 23, ``0.97 log K`` after its first calibration) and the current `cmd.diagnose_collapse`. Then
+issue 23, ``0.97`` and ``0.98 log K`` after its first calibrations) and the current
+`cmd.diagnose_collapse`. Then
 the Spearman rank correlation of each signal with the gain, over all runs and within each group.
 Prints a table per run and one per group, writes JSON and a PNG (each signal against the gain)::
 
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_specs import expand_all  # noqa: E402
 
 OLD_UNIFORM_TOLERANCE = 0.1  # the rule before issue 23: uniform when H(P_t) >= 0.9 log K
-PREVIOUS_UNIFORM_TOLERANCE = 0.03  # issue 23's first calibration: uniform when H(P_t) >= 0.97 log K
+PREVIOUS_UNIFORM_TOLERANCES = (0.03, 0.02)  # issue 23's first calibrations: uniform when H(P_t) >= 0.97, 0.98 log K
 
 SIGNALS = {  # name -> (label, key of a run's row)
     "entropy_ratio": ("final H(P_t) / log K", "entropy_ratio"),
@@ -102,7 +103,11 @@ def old_rule(out_dim: int):
 
 
 def previous_rule(out_dim: int):
-    return threshold_rule(out_dim, PREVIOUS_UNIFORM_TOLERANCE)
+    return threshold_rule(out_dim, PREVIOUS_UNIFORM_TOLERANCES[0])
+
+
+def second_rule(out_dim: int):
+    return threshold_rule(out_dim, PREVIOUS_UNIFORM_TOLERANCES[1])
 
 
 def new_rule(out_dim: int):
@@ -112,6 +117,7 @@ def new_rule(out_dim: int):
 RULES = {  # JSON key -> (column title, rule factory)
     "flag_old_rule": ("0.9 log K", old_rule),
     "flag_previous_rule": ("0.97 log K", previous_rule),
+    "flag_second_rule": ("0.98 log K", second_rule),
     "flag_new_rule": ("now", new_rule),
 }
 
@@ -263,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
               "spearman_with_gain_finished_runs": correlations_finished,
               "false_flags_old_rule": false_flags["flag_old_rule"],
               "false_flags_previous_rule": false_flags["flag_previous_rule"],
+              "false_flags_second_rule": false_flags["flag_second_rule"],
               "false_flags_new_rule": false_flags["flag_new_rule"], "missed_new_rule": missed_new,
               "skipped_without_log": skipped}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -84,9 +84,11 @@ def test_patterns_groups_and_the_three_rules(calib, tmp_path, capsys):
     groups = {g["group"]: g for g in data["groups"]}
     assert groups["medium"]["n"] == 2 and groups["medium"]["n_learned"] == 1
     assert groups["medium"]["max_step_entropy_ratio_learned"] == pytest.approx(0.974)
-    assert groups["medium"]["flags_learned"] == {"flag_old_rule": 1, "flag_previous_rule": 1, "flag_new_rule": 0}
+    assert groups["medium"]["flags_learned"] == {"flag_old_rule": 1, "flag_previous_rule": 1, "flag_second_rule": 0,
+                                                 "flag_new_rule": 0}
     assert groups["medium"]["flags_other"]["flag_new_rule"] == 1
     assert "| medium | 2 | +0.0 to +7.0 | 1 | 0.974 |" in capsys.readouterr().out
+    assert data["false_flags_second_rule"] == []
 
 
 def test_bad_run_specs(calib, tmp_path):
