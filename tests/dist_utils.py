@@ -25,6 +25,8 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+from cmd.cli.teardown import finish_distributed
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
@@ -45,11 +47,15 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out
     tdist.init_process_group(
         "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
     )
+    clean = False
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        clean = True
     finally:
-        tdist.destroy_process_group()
+        # as the program leaves: a barrier first on success, so that no process tears gloo's threads
+        # down while the other still talks to it (that aborted a rank with "terminate called ...")
+        finish_distributed(clean=clean)
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> list[Any]:
