@@ -37,12 +37,10 @@ from pathlib import Path
 import numpy as np
 
 import cmd
+from cmd.losses.cmd import UNIFORM_TOLERANCE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_specs import expand_all  # noqa: E402
-
-OLD_UNIFORM_TOLERANCE = 0.1  # the rule before issue 23: uniform when H(P_t) >= 0.9 log K
-PREVIOUS_UNIFORM_TOLERANCES = (0.03, 0.02)  # issue 23's first calibrations: uniform when H(P_t) >= 0.97, 0.98 log K
 
 SIGNALS = {  # name -> (label, key of a run's row)
     "entropy_ratio": ("final H(P_t) / log K", "entropy_ratio"),
@@ -93,33 +91,18 @@ def replay(steps: list[dict[str, float]], out_dim: int, rule) -> str | None:
     return None
 
 
-def threshold_rule(out_dim: int, uniform_tolerance: float):
-    """`cmd.diagnose_collapse` with another uniform threshold, ``(1 - uniform_tolerance) log K``."""
-    return lambda h, hb: cmd.diagnose_collapse(h, hb, out_dim, uniform_tolerance=uniform_tolerance)
-
-
-def old_rule(out_dim: int):
-    return threshold_rule(out_dim, OLD_UNIFORM_TOLERANCE)
-
-
-def previous_rule(out_dim: int):
-    return threshold_rule(out_dim, PREVIOUS_UNIFORM_TOLERANCES[0])
-
-
-def second_rule(out_dim: int):
-    return threshold_rule(out_dim, PREVIOUS_UNIFORM_TOLERANCES[1])
-
-
-def new_rule(out_dim: int):
-    return lambda h, hb: cmd.diagnose_collapse(h, hb, out_dim)
-
-
-RULES = {  # JSON key -> (column title, rule factory)
-    "flag_old_rule": ("0.9 log K", old_rule),
-    "flag_previous_rule": ("0.97 log K", previous_rule),
-    "flag_second_rule": ("0.98 log K", second_rule),
-    "flag_new_rule": ("now", new_rule),
+# JSON key -> (column title, uniform tolerance of `cmd.diagnose_collapse`): every threshold the library has had
+RULES = {
+    "flag_old_rule": ("0.9 log K", 0.1),  # before issue 23
+    "flag_previous_rule": ("0.97 log K", 0.03),  # issue 23's first calibration
+    "flag_second_rule": ("0.98 log K", 0.02),  # its second
+    "flag_new_rule": ("now", UNIFORM_TOLERANCE),
 }
+
+
+def threshold_rule(out_dim: int, uniform_tolerance: float):
+    """`cmd.diagnose_collapse` with the uniform threshold ``(1 - uniform_tolerance) log K``."""
+    return lambda h, hb: cmd.diagnose_collapse(h, hb, out_dim, uniform_tolerance=uniform_tolerance)
 
 
 def spearman_table(runs: list[dict]) -> dict[str, dict[str, float]]:
@@ -154,7 +137,7 @@ def summarise(name: str, folder: Path) -> dict:
         "rankme_per_epoch": rankmes, "knn_per_epoch": [r.get("knn_top1") for r in rows],
         "entropy_ratio_per_epoch": [r["teacher_entropy"] / log_k for r in rows],
         "max_step_entropy_ratio": max(s["teacher_entropy"] for s in steps) / log_k,
-        **{key: replay(steps, out_dim, factory(out_dim)) for key, (_, factory) in RULES.items()},
+        **{key: replay(steps, out_dim, threshold_rule(out_dim, tolerance)) for key, (_, tolerance) in RULES.items()},
         "flag_logged": next((r["collapse"] for r in rows if r.get("collapse")), None),
     }
 
@@ -264,13 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flagged although the k-NN rose >= 5 points, rule {title}: {false_flags[key] or 'none'}")
     print(f"built to collapse but not flagged by the current rule: {missed_new or 'none'}")
     result = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "uniform_threshold": 1 - cmd.losses.cmd.UNIFORM_TOLERANCE,
+              "uniform_threshold": 1 - UNIFORM_TOLERANCE,
               "runs": runs, "groups": groups, "spearman_with_gain": correlations,
               "spearman_with_gain_finished_runs": correlations_finished,
-              "false_flags_old_rule": false_flags["flag_old_rule"],
-              "false_flags_previous_rule": false_flags["flag_previous_rule"],
-              "false_flags_second_rule": false_flags["flag_second_rule"],
-              "false_flags_new_rule": false_flags["flag_new_rule"], "missed_new_rule": missed_new,
+              **{key.replace("flag_", "false_flags_", 1): runs for key, runs in false_flags.items()},
+              "missed_new_rule": missed_new,
               "skipped_without_log": skipped}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".tmp")

@@ -130,10 +130,10 @@ def _eval_data(args: SimpleNamespace, split: str, **kw):
     return training.build_data(args, split, cmd.eval_transform(args.eval_size or args.global_size), **kw)
 
 
-def _teacher(args: SimpleNamespace, out_dir: Path) -> cmd.CMDNetwork:
-    """The trained teacher; "dino" / "esvit" runs hold no MIL pooling: a freshly initialised one is used."""
+def _teacher(args: SimpleNamespace, state: dict) -> cmd.CMDNetwork:
+    """The trained teacher from its checkpoint's ``teacher`` state; "dino" / "esvit" runs hold no MIL pooling:
+    a freshly initialised one is used."""
     net = training.build_network(args)
-    state = read_checkpoint(out_dir / "checkpoint.pth")["teacher"]
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(("head.pooling.", "head.region_head.")) for k in missing):
         raise RuntimeError(f"checkpoint does not fit the network: missing {missing}, unexpected {unexpected}")
@@ -178,20 +178,26 @@ def part_localisation(net: cmd.CMDNetwork, args) -> dict[str, float | None]:
     top-k tokens with the part's k tokens and its chance level (`cmd.top_k_part_iou`)."""
     if args.dataset != "synthetic":
         return dict.fromkeys(LOCALISATION)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in LOCALISATION}
+    weights, masks, grid = mil_weights_on_test_split(net, args)
+    n_tokens = grid[0] * grid[1]
+    iou, chance = cmd.top_k_part_iou(weights, masks, grid)
+    parts = {"part_mass": cmd.part_weight_mass(weights, masks, grid),
+             "uniform_mass": cmd.part_weight_mass(torch.full_like(weights, 1.0 / n_tokens), masks, grid),
+             "pointing": cmd.pointing_game(weights, masks, grid), "iou": iou, "iou_chance": chance}
+    return {name: float(values.mean()) for name, values in parts.items()}
+
+
+@torch.no_grad()
+def mil_weights_on_test_split(net: cmd.CMDNetwork, args, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """The teacher's MIL weights [B, N] over the synthetic test split, its part masks [B, H, W] and the grid (h, w)."""
+    weights, masks, grid = [], [], None
     data = _eval_data(args, "test", return_part_mask=True)
-    for images, _labels, masks in DataLoader(data, batch_size=64):
+    for images, _labels, part_masks in DataLoader(data, batch_size=batch_size):
         feats = net.backbone(images)
-        weights = net.head(feats.tokens, feats.pooled).mil_weights
-        n_tokens = feats.grid[0] * feats.grid[1]
-        parts["part_mass"].append(cmd.part_weight_mass(weights, masks, feats.grid))
-        parts["uniform_mass"].append(cmd.part_weight_mass(torch.full((len(images), n_tokens), 1.0 / n_tokens), masks,
-                                                          feats.grid))
-        parts["pointing"].append(cmd.pointing_game(weights, masks, feats.grid))
-        iou, chance = cmd.top_k_part_iou(weights, masks, feats.grid)
-        parts["iou"].append(iou)
-        parts["iou_chance"].append(chance)
-    return {name: float(torch.cat(values).mean()) for name, values in parts.items()}
+        weights.append(net.head(feats.tokens, feats.pooled).mil_weights)
+        masks.append(part_masks)
+        grid = tuple(int(g) for g in feats.grid)
+    return torch.cat(weights), torch.cat(masks), grid
 
 
 @torch.no_grad()
@@ -250,8 +256,9 @@ def run_self_supervised(name: str, seed: int, argv: list[str], out_dir: Path) ->
     t0 = time.perf_counter()
     _pretrain(argv)
     elapsed = time.perf_counter() - t0
-    args = SimpleNamespace(**read_checkpoint(out_dir / "checkpoint.pth")["args"])  # the run's resolved options
-    net = _teacher(args, out_dir)
+    checkpoint = read_checkpoint(out_dir / "checkpoint.pth")
+    args = SimpleNamespace(**checkpoint["args"])  # the run's resolved options
+    net = _teacher(args, checkpoint["teacher"])
     localisation = part_localisation(net, args)
     epochs = read_epoch_log(out_dir)
     last = epochs[-1]

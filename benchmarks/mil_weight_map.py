@@ -38,7 +38,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch.utils.data import DataLoader
 
 from cmd.checkpoint import read_checkpoint
 from cmd.eval.localisation import part_token_mask
@@ -94,8 +93,7 @@ def weight_map_stats(weights: torch.Tensor, part_tokens: torch.Tensor, grid: tup
     }
 
 
-@torch.no_grad()
-def run_stats(folder: Path, batch_size: int = 64) -> dict:
+def run_stats(folder: Path) -> dict:
     """`weight_map_stats` of a finished run's teacher over its synthetic test split."""
     checkpoint = read_checkpoint(folder / "checkpoint.pth")
     args = SimpleNamespace(**checkpoint["args"])
@@ -103,16 +101,10 @@ def run_stats(folder: Path, batch_size: int = 64) -> dict:
         raise ValueError(f"{folder}: the part is known only on synthetic data, this run used --dataset {args.dataset}")
     if not any(k.startswith("head.pooling.") for k in checkpoint["teacher"]):
         raise ValueError(f"{folder}: the run trained no MIL pooling (--loss {args.loss}): nothing to map")
-    net = compare_presets._teacher(args, folder)
-    data = compare_presets._eval_data(args, "test", return_part_mask=True)
-    weights, parts, grid = [], [], None
-    for images, _labels, masks in DataLoader(data, batch_size=batch_size):
-        feats = net.backbone(images)
-        weights.append(net.head(feats.tokens, feats.pooled).mil_weights.float())
-        grid = tuple(int(g) for g in feats.grid)
-        parts.append(part_token_mask(masks, grid))
+    net = compare_presets._teacher(args, checkpoint["teacher"])
+    weights, masks, grid = compare_presets.mil_weights_on_test_split(net, args)
     return {"arch": args.arch, "loss": args.loss, "mil_pooling": getattr(args, "mil_pooling", None),
-            "grid": list(grid), **weight_map_stats(torch.cat(weights), torch.cat(parts), grid)}
+            "grid": list(grid), **weight_map_stats(weights.float(), part_token_mask(masks, grid), grid)}
 
 
 def main(argv: list[str] | None = None) -> int:
